@@ -1,0 +1,138 @@
+"""The `dpo-cli` command line: parses flags, builds the recipe, calls the work; no logic a test would want."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from dpo_cli.errors import UserError
+
+app = typer.Typer(
+    help="Align causal language models to human preferences with DPO: 4-bit base, LoRA adapters, fused log-probs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=False)
+
+
+@app.callback()
+def root() -> None:
+    """dpo-cli: train, evaluate and merge DPO LoRA adapters."""
+
+
+def _overrides_from_flags(**flags) -> dict[str, dict]:
+    """Map command-line flags onto recipe sections; flags left unset (None) keep the recipe's value."""
+    mapping = {
+        "model": ("model", "path"),
+        "data": ("data", "train"),
+        "eval_data": ("data", "eval"),
+        "max_length": ("data", "max_length"),
+        "output_dir": ("training", "output_dir"),
+        "max_steps": ("training", "max_steps"),
+        "epochs": ("training", "epochs"),
+        "batch_size": ("training", "batch_size"),
+        "grad_accum": ("training", "grad_accum"),
+        "lr": ("training", "lr"),
+        "seed": ("training", "seed"),
+        "beta": ("dpo", "beta"),
+    }
+    overrides: dict[str, dict] = {}
+    for flag, value in flags.items():
+        if value is None or value == []:
+            continue
+        section, key = mapping[flag]
+        overrides.setdefault(section, {})[key] = [str(v) for v in value] if isinstance(value, list) else value
+    return overrides
+
+
+@app.command()
+def train(
+    recipe: Path | None = typer.Argument(None, help="YAML recipe; flags below override its values."),
+    model: str | None = typer.Option(None, "--model", help="Base model: Hugging Face id or local folder."),
+    data: list[Path] | None = typer.Option(None, "--data", help="Training preference file (repeatable)."),
+    eval_data: list[Path] | None = typer.Option(None, "--eval-data", help="Held-out preference file (repeatable)."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", help="Where the adapter, checkpoints and metrics go."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps (0: use --epochs)."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Passes over the training data."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Pairs per micro-batch."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    beta: float | None = typer.Option(None, "--beta", help="DPO beta: higher keeps the policy closer to the base."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Tokens kept of prompt+completion."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for data order and initialisation."),
+    no_quantize: bool = typer.Option(False, "--no-quantize", help="Train LoRA on a bf16/fp32 base instead of 4-bit."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output-dir."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Any recipe key: --set section.key=value (repeatable)."),
+):
+    """Fine-tune a causal LM with DPO; writes a PEFT adapter folder, the resolved recipe and metrics.jsonl."""
+    from dpo_cli.config import load_recipe, parse_set_option
+    from dpo_cli.train import train as run_training
+
+    overrides = _overrides_from_flags(
+        model=model,
+        data=data,
+        eval_data=eval_data,
+        output_dir=str(output_dir) if output_dir is not None else None,
+        max_steps=max_steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        beta=beta,
+        max_length=max_length,
+        seed=seed,
+    )
+    if no_quantize:
+        overrides.setdefault("model", {})["quantize"] = False
+    for option in set_ or []:
+        section, key, value = parse_set_option(option)
+        overrides.setdefault(section, {})[key] = value
+    resolved = load_recipe(recipe, overrides)
+    result = run_training(resolved, resume=resume, console=console)
+    last = result.records[-1] if result.records else {}
+    summary = f"done: {result.steps} steps, adapter in {result.output_dir}"
+    if last:
+        summary += f"; last loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}"
+    console.print(summary)
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own progress and errors: libraries' info chatter and deprecation notes go."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="(peft|transformers|bitsandbytes|torch)")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # click's own usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+    except SystemExit:
+        raise

@@ -1,0 +1,270 @@
+"""The recipe: every setting of a run, as YAML over typed dataclasses.
+
+A recipe file has one mapping per section (`model`, `lora`, `data`, `training`, `dpo`). Keys not declared here are
+an error naming the key, never ignored: a misspelled `learnig_rate` silently falling back to the default is the
+worst kind of bug in a training run. Command-line flags and `--set section.key=value` override the file; the fully
+resolved recipe is saved beside the adapter so `eval` and `merge-adapter` need only `--adapter DIR`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_cli.errors import UserError
+
+RECIPE_FILENAME = "recipe.yaml"
+
+
+@dataclass
+class ModelSection:
+    path: str = ""
+    """Hugging Face model id or local folder of the base model."""
+    quantize: bool = True
+    """Load the base 4-bit (bitsandbytes NF4, double quantization). False trains LoRA on a bf16/fp32 base."""
+    compute_dtype: str = "auto"
+    """auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward: much less memory for about a third more compute."""
+    device: str = "auto"
+    """auto (cuda if present, else cpu), cpu, cuda or cuda:N."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _check_choice("model.compute_dtype", self.compute_dtype, ("auto", "bfloat16", "float16", "float32"))
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; ["all-linear"] adapts every linear layer but the LM head."""
+
+    def __post_init__(self):
+        _check_positive("lora.r", self.r)
+        _check_positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"recipe key lora.dropout: {self.dropout} is outside [0, 1); use e.g. 0.0 or 0.05")
+        if "lm_head" in self.target_modules:
+            raise UserError(
+                "recipe key lora.target_modules: 'lm_head' cannot be adapted, log-probs are computed from the "
+                "LM head weight directly; remove it"
+            )
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)
+    """Preference files to train on."""
+    eval: list[str] = field(default_factory=list)
+    """Held-out preference files, evaluated every `training.eval_steps` and at the end."""
+    max_length: int = 1024
+    """Prompt+completion tokens kept per sequence (the start is kept); pairs whose prompt alone fills it are dropped."""
+
+    def __post_init__(self):
+        _check_positive("data.max_length", self.max_length)
+
+
+@dataclass
+class TrainingSection:
+    output_dir: str = ""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means `epochs` passes over the data."""
+    epochs: float = 1.0
+    batch_size: int = 4
+    """Preference pairs per micro-batch (each pair is two sequences)."""
+    grad_accum: int = 1
+    lr: float = 5e-5
+    scheduler: str = "cosine"
+    """cosine, linear or constant, after the warmup."""
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    save_steps: int = 100
+    """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    save_total_limit: int = 2
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    eval_steps: int = 0
+    """Evaluate on `data.eval` every N steps (0: only at the end)."""
+    eval_batch_size: int = 8
+
+    def __post_init__(self):
+        for key in ("batch_size", "grad_accum", "eval_batch_size"):
+            _check_positive(f"training.{key}", getattr(self, key))
+        for key in ("max_steps", "save_steps", "eval_steps", "save_total_limit"):
+            if getattr(self, key) < 0:
+                raise UserError(f"recipe key training.{key}: {getattr(self, key)} is negative; use 0 or more")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise UserError("recipe keys training.max_steps and training.epochs are both 0; set one of them")
+        if self.lr <= 0:
+            raise UserError(f"recipe key training.lr: {self.lr} must be positive, e.g. 5e-5")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"recipe key training.warmup_ratio: {self.warmup_ratio} is outside [0, 1)")
+        _check_choice("training.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+
+
+@dataclass
+class DpoSection:
+    beta: float = 0.1
+    """Strength of the pull towards the reference: small beta lets the policy drift further."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed probability that a pair's label is flipped."""
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise UserError(f"recipe key dpo.beta: {self.beta} must be positive, e.g. 0.1")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"recipe key dpo.label_smoothing: {self.label_smoothing} is outside [0, 0.5)")
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        from dpo_cli.losses import LOSS_TYPES  # late: losses imports torch, configs load without it
+
+        for name in self.loss_type:
+            _check_choice("dpo.loss_type", name, tuple(LOSS_TYPES))
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        from dpo_cli.files import write_text_atomic
+
+        header = "# The fully resolved recipe of this run: `dpo-cli train THIS_FILE` repeats it.\n"
+        write_text_atomic(path, header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"recipe key {key}: {value} must be positive")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"recipe key {key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field's annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"recipe key {key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(key, item, item_type) for item in value]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(key, value, option)
+            except UserError as error:
+                errors.append(str(error))
+        raise UserError(errors[0])
+    if annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    expected = getattr(annotation, "__name__", str(annotation))
+    raise UserError(f"recipe key {key}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _build_section(cls: type, name: str, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"recipe section {name!r} must be a mapping of keys to values, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"unknown recipe key {name}.{key}{_did_you_mean(key, known)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    sections = {f.name: f for f in dataclasses.fields(Recipe)}
+    built = {}
+    for name, section_values in values.items():
+        if name not in sections:
+            raise UserError(f"unknown recipe section {name!r}{_did_you_mean(name, sections)}")
+        built[name] = _build_section(typing.get_type_hints(Recipe)[name], name, section_values or {})
+    return Recipe(**built)
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of a YAML recipe, with one-line errors for unreadable or malformed files."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found; check the path") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read the recipe ({error.__class__.__name__}); pass a YAML file") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or "malformed YAML"
+        raise UserError(f"{where}: {problem}; fix the YAML syntax") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections (model, lora, data, training, dpo)")
+    return values
+
+
+def parse_set_option(option: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); the value is read as YAML so `1e-5`, `true`, `[a, b]` work."""
+    if "=" not in option or "." not in option.split("=", 1)[0]:
+        raise UserError(f"--set {option!r}: expected section.key=value, e.g. --set training.warmup_ratio=0.05")
+    dotted, raw = option.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def merge_overrides(values: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Overlay {section: {key: value}} on a raw recipe mapping; None values (flags not given) are skipped."""
+    merged = {name: dict(section or {}) for name, section in values.items()}
+    for section, keys in overrides.items():
+        for key, value in keys.items():
+            if value is not None:
+                merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def load_recipe(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Recipe:
+    values = read_recipe_file(path) if path is not None else {}
+    return recipe_from_dict(merge_overrides(values, overrides or {}))

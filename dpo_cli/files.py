@@ -1,0 +1,66 @@
+"""Writing outputs so that an interrupted run never leaves a half-written file or folder behind.
+
+Every file goes to a temporary name in the same folder and is renamed over the target: a rename within one
+filesystem is atomic, so readers see either the old file or the new one. Folders are built under a temporary
+name and renamed into place the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it is renamed to `target`, on failure removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if target.exists():
+            if not replace:
+                raise FileExistsError(target)
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def move_files_into(source: Path, target: Path) -> None:
+    """Rename each file of `source` into `target` (each rename atomic), then remove `source`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in sorted(Path(source).iterdir()):
+        os.replace(item, target / item.name)
+    Path(source).rmdir()

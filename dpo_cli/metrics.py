@@ -1,0 +1,82 @@
+"""Every metric of a step in one record, written as one JSON line to `metrics.jsonl`.
+
+The names are TRL's (`loss`, `rewards/chosen`, `rewards/accuracies`, ...), so curves from both tools line up.
+Evaluation records carry the same names prefixed with `eval_`, as TRL logs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from dpo_cli.distributed import average_metrics, is_main_process
+from dpo_cli.files import write_text_atomic
+
+PAIR_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+class PairMetrics:
+    """Running per-pair sums of the DPO metrics over any number of batches; `means()` gives per-pair averages."""
+
+    def __init__(self):
+        self.sums = dict.fromkeys(PAIR_METRICS, 0.0)
+        self.count = 0
+
+    def add(self, losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> None:
+        """Each argument is a (P,) tensor for the P pairs of one batch."""
+        margins = chosen_rewards - rejected_rewards
+        values = {
+            "loss": losses,
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": margins,
+            "logps/chosen": chosen_logps,
+            "logps/rejected": rejected_logps,
+        }
+        for key, value in values.items():
+            self.sums[key] += float(value.detach().double().sum())
+        self.count += int(losses.shape[0])
+
+    def means(self) -> dict[str, float]:
+        return average_metrics(self.sums, self.count)
+
+
+def is_finite(value: float | torch.Tensor) -> bool:
+    return math.isfinite(float(value))
+
+
+class MetricsLog:
+    """Appends records to `metrics.jsonl`; on resume, drops records past the checkpoint so the curve is continuous."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists() or not is_main_process():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if not is_main_process():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]

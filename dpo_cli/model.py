@@ -1,0 +1,171 @@
+"""Loading the base model 4-bit with LoRA adapters, and switching between policy and reference.
+
+The reference policy is the same weights with the adapters disabled: `reference_mode(model)` is the only place
+that knows it, so there is never a second copy of the model in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from dpo_cli.config import LoraSection, ModelSection
+from dpo_cli.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"recipe key model.device: {name!r} but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def _check_model_path(path: str) -> None:
+    if not path:
+        raise UserError("no base model: pass --model PATH_OR_ID or set model.path in the recipe")
+    local = Path(path)
+    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not (local / "config.json").is_file():
+        raise UserError(f"{path}: not a model folder (no config.json); pass a Hugging Face model folder or id")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise UserError(f"{path}: cannot load the tokenizer ({_first_line(error)})") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"{path}: the tokenizer has no EOS token, which DPO appends to every completion")
+    if tokenizer.pad_token is None:  # padding is masked out; any id will do, and EOS is what TRL uses
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else error.__class__.__name__
+
+
+def load_base_model(config: ModelSection, device: torch.device):
+    """The frozen base: NF4 4-bit with double quantization, or plain weights in the compute dtype."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _check_model_path(config.path)
+    dtype = resolve_compute_dtype(config.compute_dtype, device)
+    kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if config.quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.path, **kwargs)
+    except OSError as error:
+        raise UserError(f"{config.path}: cannot load the model ({_first_line(error)})") from None
+    if not config.quantize:
+        model.to(device)
+    _disable_bnb_cpu_repacking(model)
+    _disable_dropout(model)
+    model.config.use_cache = False
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _disable_bnb_cpu_repacking(model) -> None:
+    # bitsandbytes repacks 4-bit weights in place for a faster CPU inference kernel the first time a Linear4bit runs
+    # in eval mode without grad. The repack asserts out_features % 32 == 0 (stories260K's MLP has 172) and gives
+    # slightly different numbers from the training path, so eval would not equal training. Keep one code path.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _disable_dropout(model) -> None:
+    # The reference pass and the policy pass must see the same function of the weights; dropout would make the
+    # implicit reward noisy. TRL disables it too (disable_dropout=True).
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def lora_config(config: LoraSection):
+    from peft import LoraConfig
+
+    targets = config.target_modules
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, config: LoraSection, gradient_checkpointing: bool):
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        return get_peft_model(model, lora_config(config))
+    except ValueError as error:
+        raise UserError(f"recipe key lora.target_modules: {_first_line(error)}") from None
+
+
+def load_adapter(model, adapter_dir: Path, trainable: bool):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def backbone_and_head(model):
+    """(the transformer without its head, the LM head) of a plain or PEFT-wrapped causal LM."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.base_model, causal_lm.get_output_embeddings()
+
+
+def logit_transform(model) -> tuple[float, float | None]:
+    """(logit scale, soft-cap) that the model's own forward applies to its logits, so fused log-probs match it."""
+    text_config = model.config.get_text_config()
+    scale = getattr(text_config, "logit_scale", None)
+    if getattr(text_config, "logits_scaling", None):  # Granite divides by it
+        scale = 1.0 / text_config.logits_scaling
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return (1.0 if scale is None else float(scale)), softcap
+
+
+@contextlib.contextmanager
+def reference_mode(model) -> Iterator[None]:
+    """The reference policy: the same model with every adapter disabled, and no autograd graph."""
+    with torch.no_grad(), model.disable_adapter():
+        yield
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def read_adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter folder was trained on, as PEFT recorded it."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.is_file():
+        raise UserError(f"{adapter_dir}: not an adapter folder (no adapter_config.json); pass a dpo-cli train output")
+    return json.loads(config_path.read_text()).get("base_model_name_or_path") or ""

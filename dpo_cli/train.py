@@ -1,0 +1,316 @@
+"""The training loop: DPO on LoRA adapters over a frozen (4-bit) base.
+
+The data is read as one stream of micro-batches over epochs, each epoch in its own seeded order; optimizer step k
+consumes micro-batches [k*grad_accum, (k+1)*grad_accum). That single number (micro-batches done) is the whole data
+position, which is what makes `--resume` replay exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dpo_cli.batching import collate_padded
+from dpo_cli.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from dpo_cli.config import RECIPE_FILENAME, Recipe
+from dpo_cli.data import read_pairs
+from dpo_cli.distributed import check_single_process, is_main_process
+from dpo_cli.errors import UserError
+from dpo_cli.evaluate import evaluate_pairs
+from dpo_cli.files import move_files_into, write_text_atomic
+from dpo_cli.metrics import MetricsLog, PairMetrics, is_finite
+from dpo_cli.model import add_lora, load_base_model, load_tokenizer, resolve_device, trainable_parameters
+from dpo_cli.objective import score_batch
+from dpo_cli.tokenization import TokenizeSummary, tokenize_pairs
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDiverged(UserError):
+    exit_code = 3
+
+
+class TrainingInterrupted(UserError):
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    records: list[dict] = field(default_factory=list)
+    final_eval: dict[str, float] | None = None
+
+
+@dataclass
+class DataStream:
+    """Micro-batch m of the endless stream is micro-batch (m mod per_epoch) of epoch (m div per_epoch)."""
+
+    num_pairs: int
+    batch_size: int
+    seed: int
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(self.num_pairs / self.batch_size)
+
+    def indices(self, micro_batch: int) -> list[int]:
+        epoch, position = divmod(micro_batch, self.per_epoch)
+        order = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
+
+
+def total_steps(recipe: Recipe, stream: DataStream) -> int:
+    training = recipe.training
+    if training.max_steps:
+        return training.max_steps
+    return max(1, math.ceil(training.epochs * stream.per_epoch / training.grad_accum))
+
+
+def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_output_dir(output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to overwrite a finished or running earlier run."""
+    if not str(output_dir):
+        raise UserError("no output folder: pass --output-dir DIR or set training.output_dir in the recipe")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{output_dir}: exists and is not a folder; pick another --output-dir")
+    checkpoint = latest_checkpoint(output_dir)
+    if resume:
+        return checkpoint
+    if checkpoint is not None or (output_dir / "adapter_config.json").exists() or (output_dir / METRICS_FILE).exists():
+        raise UserError(
+            f"{output_dir}: holds an earlier run; pass --resume to continue it or pick another --output-dir"
+        )
+    return None
+
+
+def _load_split(tokenizer, paths: list[str], max_length: int, name: str, console: Console):
+    pairs, summary = tokenize_pairs(tokenizer, read_pairs(paths), max_length)
+    _report_tokenization(summary, name, max_length, console)
+    if not pairs:
+        raise UserError(
+            f"{name} data: every pair's prompt fills max_length={max_length}; raise --max-length or shorten prompts"
+        )
+    return pairs, summary
+
+
+def _report_tokenization(summary: TokenizeSummary, name: str, max_length: int, console: Console) -> None:
+    console.print(f"{name} data: {summary.kept} pairs", end="")
+    if summary.truncated:
+        console.print(f", {summary.truncated} with a completion cut at max_length={max_length}", end="")
+    console.print()
+    if summary.dropped_long_prompt:
+        first = ", ".join(summary.dropped_long_prompt[:3])
+        console.print(
+            f"[yellow]{name} data: dropped {len(summary.dropped_long_prompt)} pairs whose prompt alone fills "
+            f"max_length={max_length} (first: {first})[/yellow]"
+        )
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[tps]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not is_main_process(),
+    )
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, console: Console | None = None, resume: bool = False):
+        check_single_process()
+        self.recipe = recipe
+        self.console = console or Console()
+        self.output_dir = Path(recipe.training.output_dir)
+        self.resume_from = _prepare_output_dir(self.output_dir, resume)
+        if resume and self.resume_from is None:
+            self.console.print(f"no checkpoint in {self.output_dir}; starting from the beginning")
+        _set_seed(recipe.training.seed)
+        self.device = resolve_device(recipe.model.device)
+        self.tokenizer = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+        max_length = recipe.data.max_length
+        self.train_pairs, self.train_summary = _load_split(
+            self.tokenizer, recipe.data.train, max_length, "train", self.console
+        )
+        self.eval_pairs = None
+        if recipe.data.eval:
+            self.eval_pairs, _ = _load_split(self.tokenizer, recipe.data.eval, max_length, "eval", self.console)
+        base = load_base_model(recipe.model, self.device)
+        self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
+        self.model.train()
+        params = trainable_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(params, lr=recipe.training.lr, weight_decay=recipe.training.weight_decay)
+        self.stream = DataStream(len(self.train_pairs), recipe.training.batch_size, recipe.training.seed)
+        self.total_steps = total_steps(recipe, self.stream)
+        warmup = int(recipe.training.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_lambda(step, self.total_steps, warmup, recipe.training.scheduler)
+        )
+        self.state = TrainerState(step=0, micro_batches_done=0, total_steps=self.total_steps)
+        self.metrics_log = MetricsLog(self.output_dir / METRICS_FILE)
+        if self.resume_from is not None:
+            self.state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
+            self.state.total_steps = self.total_steps
+            self.metrics_log.truncate_after(self.state.step)
+            self.console.print(f"resuming from {self.resume_from} (step {self.state.step})")
+        n_params = sum(p.numel() for p in params)
+        self.console.print(
+            f"trainable LoRA parameters: {n_params:,}; {self.total_steps} optimizer steps on {self.device}"
+        )
+
+    # One optimizer step -------------------------------------------------------------------------------------------
+
+    def _step_batches(self) -> list[list[int]]:
+        first = self.state.micro_batches_done
+        return [self.stream.indices(m) for m in range(first, first + self.recipe.training.grad_accum)]
+
+    def train_step(self) -> dict:
+        started = time.perf_counter()
+        batches = self._step_batches()
+        pairs_in_step = sum(len(b) for b in batches)
+        metrics = PairMetrics()
+        tokens = 0
+        for indices in batches:
+            batch = collate_padded([self.train_pairs[i] for i in indices], self.tokenizer.pad_token_id).to(self.device)
+            scores = score_batch(self.model, batch, self.recipe.dpo)
+            if not is_finite(scores.losses.detach().sum()):
+                raise TrainingDiverged(
+                    f"step {self.state.step + 1}: the loss is {float(scores.losses.sum())}; training stopped, the last "
+                    "good checkpoint is kept. Lower --lr or --beta, or check the data"
+                )
+            # Each pair weighs the same in the step's gradient, however the pairs are split into micro-batches.
+            (scores.losses.sum() / pairs_in_step).backward()
+            metrics.add(
+                scores.losses,
+                scores.chosen_rewards,
+                scores.rejected_rewards,
+                scores.logps.chosen,
+                scores.logps.rejected,
+            )
+            tokens += batch.num_tokens
+        learning_rate = self.scheduler.get_last_lr()[0]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.recipe.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.micro_batches_done += len(batches)
+        self.state.num_tokens += tokens
+        elapsed = time.perf_counter() - started
+        return {
+            "step": self.state.step,
+            "epoch": round(self.state.micro_batches_done / self.stream.per_epoch, 4),
+            **metrics.means(),
+            "grad_norm": float(grad_norm),
+            "learning_rate": learning_rate,
+            "tokens_per_second": tokens / elapsed,
+            "num_tokens": self.state.num_tokens,
+        }
+
+    # The loop -----------------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        training = self.recipe.training
+        metrics = evaluate_pairs(
+            self.model, self.eval_pairs, self.tokenizer.pad_token_id, self.recipe.dpo, training.eval_batch_size
+        )
+        return {f"eval_{key}": value for key, value in metrics.items()}
+
+    def save_checkpoint(self) -> Path | None:
+        if not is_main_process():
+            return None
+        training = self.recipe.training
+        return save_checkpoint(
+            self.output_dir, self.model, self.optimizer, self.scheduler, self.state, training.save_total_limit
+        )
+
+    def run(self) -> TrainResult:
+        training = self.recipe.training
+        result = TrainResult(self.output_dir, self.state.step)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.recipe.save(self.output_dir / RECIPE_FILENAME)
+        last_saved = self.state.step
+        with _progress(self.console) as progress:
+            task = progress.add_task(
+                "train", total=self.total_steps, completed=self.state.step, loss="-", acc="-", tps="-"
+            )
+            try:
+                while self.state.step < self.total_steps:
+                    record = self.train_step()
+                    if self.eval_pairs and training.eval_steps and self.state.step % training.eval_steps == 0:
+                        record.update(self.evaluate())
+                    self.metrics_log.write(record)
+                    result.records.append(record)
+                    progress.update(
+                        task,
+                        completed=self.state.step,
+                        loss=f"{record['loss']:.4f}",
+                        acc=f"{record['rewards/accuracies']:.2f}",
+                        tps=f"{record['tokens_per_second']:.0f}",
+                    )
+                    if training.save_steps and self.state.step % training.save_steps == 0:
+                        self.save_checkpoint()
+                        last_saved = self.state.step
+            except KeyboardInterrupt:
+                progress.stop()
+                if self.state.step > last_saved:
+                    self.save_checkpoint()
+                raise TrainingInterrupted(
+                    f"interrupted at step {self.state.step}; checkpoint saved in {self.output_dir}, "
+                    "continue with the same command and --resume"
+                ) from None
+        if self.state.step > last_saved:
+            self.save_checkpoint()
+        if self.eval_pairs:
+            result.final_eval = self.evaluate()
+            self.metrics_log.write({"step": self.state.step, **result.final_eval})
+        self.save_final()
+        result.steps = self.state.step
+        return result
+
+    def save_final(self) -> None:
+        """The standard PEFT adapter folder, plus tokenizer and resolved recipe, each file renamed into place."""
+        if not is_main_process():
+            return
+        staging = self.output_dir / ".final.tmp"
+        staging.mkdir(exist_ok=True)
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        move_files_into(staging, self.output_dir)
+        write_text_atomic(
+            self.output_dir / "train_summary.txt",
+            f"pairs: {self.train_summary.kept}\n"
+            f"dropped (prompt fills max_length): {len(self.train_summary.dropped_long_prompt)}\n"
+            f"truncated completions: {self.train_summary.truncated}\n"
+            f"steps: {self.state.step}\n",
+        )
+
+
+def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> TrainResult:
+    return Trainer(recipe, console=console, resume=resume).run()
