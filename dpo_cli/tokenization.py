@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from dpo_cli.data import PreferencePair
+from rich.console import Console
+
+from dpo_cli.data import PreferencePair, read_pairs
+from dpo_cli.errors import UserError
 
 
 @dataclass
@@ -78,3 +81,27 @@ def tokenize_pairs(
         tokenized.append(ids)
     summary.kept = len(tokenized)
     return tokenized, summary
+
+
+def load_tokenized_split(tokenizer, paths: list[str], max_length: int, name: str, console: Console):
+    """Read, check and tokenize the files of one split, telling the user what was dropped or cut."""
+    pairs, summary = tokenize_pairs(tokenizer, read_pairs(paths), max_length)
+    report_tokenization(summary, name, max_length, console)
+    if not pairs:
+        raise UserError(
+            f"{name} data: every pair's prompt fills max_length={max_length}; raise --max-length or shorten prompts"
+        )
+    return pairs, summary
+
+
+def report_tokenization(summary: TokenizeSummary, name: str, max_length: int, console: Console) -> None:
+    console.print(f"{name} data: {summary.kept} pairs", end="")
+    if summary.truncated:
+        console.print(f", {summary.truncated} with a completion cut at max_length={max_length}", end="")
+    console.print()
+    if summary.dropped_long_prompt:
+        first = ", ".join(summary.dropped_long_prompt[:3])
+        console.print(
+            f"[yellow]{name} data: dropped {len(summary.dropped_long_prompt)} pairs whose prompt alone fills "
+            f"max_length={max_length} (first: {first})[/yellow]"
+        )

@@ -20,7 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dpo_cli.batching import collate_padded
 from dpo_cli.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from dpo_cli.config import RECIPE_FILENAME, Recipe
-from dpo_cli.data import read_pairs
 from dpo_cli.distributed import check_single_process, is_main_process
 from dpo_cli.errors import UserError
 from dpo_cli.evaluate import evaluate_pairs
@@ -28,7 +27,7 @@ from dpo_cli.files import move_files_into, write_text_atomic
 from dpo_cli.metrics import MetricsLog, PairMetrics, is_finite
 from dpo_cli.model import add_lora, load_base_model, load_tokenizer, resolve_device, trainable_parameters
 from dpo_cli.objective import score_batch
-from dpo_cli.tokenization import TokenizeSummary, tokenize_pairs
+from dpo_cli.tokenization import load_tokenized_split
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -107,29 +106,6 @@ def _prepare_output_dir(output_dir: Path, resume: bool) -> Path | None:
     return None
 
 
-def _load_split(tokenizer, paths: list[str], max_length: int, name: str, console: Console):
-    pairs, summary = tokenize_pairs(tokenizer, read_pairs(paths), max_length)
-    _report_tokenization(summary, name, max_length, console)
-    if not pairs:
-        raise UserError(
-            f"{name} data: every pair's prompt fills max_length={max_length}; raise --max-length or shorten prompts"
-        )
-    return pairs, summary
-
-
-def _report_tokenization(summary: TokenizeSummary, name: str, max_length: int, console: Console) -> None:
-    console.print(f"{name} data: {summary.kept} pairs", end="")
-    if summary.truncated:
-        console.print(f", {summary.truncated} with a completion cut at max_length={max_length}", end="")
-    console.print()
-    if summary.dropped_long_prompt:
-        first = ", ".join(summary.dropped_long_prompt[:3])
-        console.print(
-            f"[yellow]{name} data: dropped {len(summary.dropped_long_prompt)} pairs whose prompt alone fills "
-            f"max_length={max_length} (first: {first})[/yellow]"
-        )
-
-
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]train"),
@@ -155,12 +131,14 @@ class Trainer:
         self.device = resolve_device(recipe.model.device)
         self.tokenizer = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
         max_length = recipe.data.max_length
-        self.train_pairs, self.train_summary = _load_split(
+        self.train_pairs, self.train_summary = load_tokenized_split(
             self.tokenizer, recipe.data.train, max_length, "train", self.console
         )
         self.eval_pairs = None
         if recipe.data.eval:
-            self.eval_pairs, _ = _load_split(self.tokenizer, recipe.data.eval, max_length, "eval", self.console)
+            self.eval_pairs, _ = load_tokenized_split(
+                self.tokenizer, recipe.data.eval, max_length, "eval", self.console
+            )
         base = load_base_model(recipe.model, self.device)
         self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
         self.model.train()
