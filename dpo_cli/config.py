@@ -190,6 +190,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return None
     elif annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    elif annotation is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-5` (no dot) as a string; a number is plainly what was meant.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     elif annotation is bool:
         if isinstance(value, bool):
             return value
