@@ -23,6 +23,8 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    source: str = ""
+    """Where the pair came from (`file:line`), so per-pair results can point back at it."""
 
     def __getitem__(self, key: str) -> list[int]:  # the layout reads pairs as mappings, like dataset rows
         return getattr(self, key)
@@ -64,7 +66,7 @@ def tokenize_pair(tokenizer, pair: PreferencePair, max_length: int) -> tuple[Tok
     chosen_ids = prompt_chosen_ids[prompt_len:]
     rejected_ids = prompt_rejected_ids[prompt_len:]
     truncated = len(chosen_ids) > room or len(rejected_ids) > room
-    return TokenizedPair(prompt_ids[:prompt_len], chosen_ids[:room], rejected_ids[:room]), truncated
+    return TokenizedPair(prompt_ids[:prompt_len], chosen_ids[:room], rejected_ids[:room], pair.source), truncated
 
 
 def tokenize_pairs(
