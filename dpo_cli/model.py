@@ -31,19 +31,30 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _check_model_path(path: str) -> None:
+def _check_model_path(path: str, marker: str = "config.json") -> None:
+    """Fail early, in one line, on a local path that is not what we need (hub ids pass through)."""
     if not path:
         raise UserError("no base model: pass --model PATH_OR_ID or set model.path in the recipe")
     local = Path(path)
     looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local and not (local / "config.json").is_file():
-        raise UserError(f"{path}: not a model folder (no config.json); pass a Hugging Face model folder or id")
+    if looks_local and not (local / marker).is_file():
+        raise UserError(f"{path}: not a model folder (no {marker}); pass a Hugging Face model folder or id")
+
+
+def _quiet_transformers() -> None:
+    # Our own progress bars and one-line errors are the interface; transformers' per-load bars and notes are noise.
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    _check_model_path(path)
+    _quiet_transformers()
+
+    _check_model_path(path, marker="tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:
@@ -64,6 +75,7 @@ def load_base_model(config: ModelSection, device: torch.device):
     """The frozen base: NF4 4-bit with double quantization, or plain weights in the compute dtype."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    _quiet_transformers()
     _check_model_path(config.path)
     dtype = resolve_compute_dtype(config.compute_dtype, device)
     kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}

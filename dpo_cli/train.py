@@ -179,7 +179,7 @@ class Trainer:
             scores = score_batch(self.model, batch, self.recipe.dpo)
             if not is_finite(scores.losses.detach().sum()):
                 raise TrainingDiverged(
-                    f"step {self.state.step + 1}: the loss is {float(scores.losses.sum())}; training stopped, the last "
+                    f"step {self.state.step + 1}: the loss is {float(scores.losses.detach().sum())}; training stopped, the last "
                     "good checkpoint is kept. Lower --lr or --beta, or check the data"
                 )
             # Each pair weighs the same in the step's gradient, however the pairs are split into micro-batches.
