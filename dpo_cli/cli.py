@@ -20,6 +20,14 @@ app = typer.Typer(
 console = Console(stderr=False)
 
 
+FORMAT_HELP = "Data format: auto, explicit, hh-rlhf, conversational, openai, sharegpt, oasst or stack-exchange."
+COLUMNS_HELP = "Map names: prompt=question,chosen=response_j,rejected=response_k."
+ON_INVALID_HELP = "error: stop at the first bad record; skip: set bad records aside, count and write them."
+CHAT_TEMPLATE_HELP = "Jinja chat template file for conversational data when the tokenizer has none."
+data_app = typer.Typer(help="Look at preference data before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
 @app.callback()
 def root() -> None:
     """dpo-cli: train, evaluate and merge DPO LoRA adapters."""
@@ -32,6 +40,11 @@ def _overrides_from_flags(**flags) -> dict[str, dict]:
         "data": ("data", "train"),
         "eval_data": ("data", "eval"),
         "max_length": ("data", "max_length"),
+        "data_format": ("data", "format"),
+        "columns": ("data", "columns"),
+        "on_invalid": ("data", "on_invalid"),
+        "chat_template": ("data", "chat_template"),
+        "eval_split": ("data", "eval_split"),
         "output_dir": ("training", "output_dir"),
         "max_steps": ("training", "max_steps"),
         "epochs": ("training", "epochs"),
@@ -64,6 +77,11 @@ def train(
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
     beta: float | None = typer.Option(None, "--beta", help="DPO beta: higher keeps the policy closer to the base."),
     max_length: int | None = typer.Option(None, "--max-length", help="Tokens kept of prompt+completion."),
+    data_format: str | None = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: str | None = typer.Option(None, "--columns", help=COLUMNS_HELP),
+    on_invalid: str | None = typer.Option(None, "--on-invalid", help=ON_INVALID_HELP),
+    chat_template: Path | None = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
+    eval_split: float | None = typer.Option(None, "--eval-split", help="Without --eval-data: hold out this fraction."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for data order and initialisation."),
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Train LoRA on a bf16/fp32 base instead of 4-bit."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output-dir."),
@@ -85,6 +103,11 @@ def train(
         lr=lr,
         beta=beta,
         max_length=max_length,
+        data_format=data_format,
+        columns=columns,
+        on_invalid=on_invalid,
+        chat_template=str(chat_template) if chat_template is not None else None,
+        eval_split=eval_split,
         seed=seed,
     )
     if no_quantize:
@@ -99,6 +122,34 @@ def train(
     if last:
         summary += f"; last loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}"
     console.print(summary)
+
+
+@data_app.command("check")
+def data_check(
+    files: list[Path] = typer.Argument(..., help="Preference files (any format and container) to check."),
+    model: str | None = typer.Option(None, "--model", help="Model whose tokenizer measures token lengths."),
+    max_length: int | None = typer.Option(None, "--max-length", help="How many pairs this would cut or drop."),
+    data_format: str | None = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: str | None = typer.Option(None, "--columns", help=COLUMNS_HELP),
+    chat_template: Path | None = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Formats, counts, invalid records per reason, token lengths, duplicates; exits 1 when a record is invalid."""
+    import json
+
+    from dpo_cli.config import DataSection
+    from dpo_cli.data_check import check_files, has_problems, print_report
+
+    flags = {"max_length": max_length, "format": data_format, "columns": columns, "chat_template": chat_template}
+    data = DataSection(**{key: str(v) if isinstance(v, Path) else v for key, v in flags.items() if v is not None})
+    progress = Console(stderr=True, quiet=as_json)  # progress lines never mix into the JSON on stdout
+    report = check_files([str(f) for f in files], data, model, progress)
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_report(report, console)
+    if has_problems(report):
+        sys.exit(1)
 
 
 def _quiet_libraries() -> None:

@@ -68,10 +68,33 @@ class DataSection:
     eval: list[str] = field(default_factory=list)
     """Held-out preference files, evaluated every `training.eval_steps` and at the end."""
     max_length: int = 1024
-    """Prompt+completion tokens kept per sequence (the start is kept); pairs whose prompt alone fills it are dropped."""
+    """Prompt+completion tokens kept per sequence (the start is kept); a pair whose prompt alone fills it is invalid."""
+    format: str = "auto"
+    """auto (detect each file's format from its first record) or one of dpo_cli.formats.FORMATS, e.g. hh-rlhf."""
+    columns: str = ""
+    """Map the file's names onto the pair's: "prompt=question,chosen=response_j,rejected=response_k"."""
+    on_invalid: str = "error"
+    """error: the first bad record stops the run with its file and line; skip: set bad records aside, count them and
+    write them to skipped-{split}.jsonl in the output folder."""
+    chat_template: str = ""
+    """A Jinja chat template file for conversational data, when the tokenizer has none (or to replace its own)."""
+    eval_split: float = 0.0
+    """With no eval files: hold out this fraction of the training pairs (the same ones for the same data) as eval."""
+    cache_dir: str = ""
+    """Where prepared (tokenized) data is kept between runs; empty: $DPO_CLI_CACHE or ~/.cache/dpo-cli."""
 
     def __post_init__(self):
+        from dpo_cli.data import ON_INVALID_CHOICES  # late: data pulls in the readers, configs load without them
+        from dpo_cli.formats import FORMAT_CHOICES, parse_columns
+
         _check_positive("data.max_length", self.max_length)
+        _check_choice("data.format", self.format, FORMAT_CHOICES)
+        _check_choice("data.on_invalid", self.on_invalid, ON_INVALID_CHOICES)
+        parse_columns(self.columns)
+        if not 0.0 <= self.eval_split < 1.0:
+            raise UserError(f"recipe key data.eval_split: {self.eval_split} is outside [0, 1); e.g. 0.05")
+        if self.eval_split and self.eval:
+            raise UserError("recipe keys data.eval and data.eval_split are both set; use eval files or a split")
 
 
 @dataclass

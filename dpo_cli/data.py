@@ -1,90 +1,167 @@
-"""Reading and checking preference files.
+"""Reading and checking preference files: every record of every file becomes pairs, or a problem with its place.
 
-Each record becomes a `PreferencePair` (prompt, chosen, rejected) that remembers where it came from, so every
-problem can be reported as `file:line: field: what is wrong; what to do`. Bad input is normal input: nothing here
-raises anything but `UserError` for a problem in the data.
+Files are opened by `readers` (containers), their format is detected from the first record (or forced), and each
+record goes through its format's function in `formats`. Every pair remembers where it came from, so a problem is
+reported as `file:line: field 'x': what is wrong; what to do`. With `on_invalid="error"` the first problem stops
+the run with that line; with `"skip"` bad records are set aside as `InvalidRecord`s, counted by reason in the
+summary and written to a file, so nothing is lost silently. Bad input is normal input: nothing here raises
+anything but `UserError` for a problem in the data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_cli.errors import UserError
+from dpo_cli.files import write_text_atomic
+from dpo_cli.formats import FORMATS, RecordProblem, Text, detect_format, rename_columns, unknown_format_error
+from dpo_cli.readers import open_records
 
-REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
+ON_INVALID_CHOICES = ("error", "skip")
 
 
 @dataclass(frozen=True)
 class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
+    prompt: Text
+    chosen: Text
+    rejected: Text
     source: str
     """Where the record came from, as `file:line`, for error messages."""
 
-
-def _open_text(path: Path):
-    if not path.exists():
-        raise UserError(f"{path}: file not found; check the path")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; pass a .jsonl file of preference pairs")
-    try:
-        return path.open("r", encoding="utf-8")
-    except PermissionError:
-        raise UserError(f"{path}: permission denied; make the file readable") from None
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.prompt, list)
 
 
-def check_record(record: object, where: str) -> PreferencePair:
-    """Validate one decoded JSON record of the explicit format."""
-    if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object with prompt, chosen, rejected; got {type(record).__name__}")
-    for name in REQUIRED_FIELDS:
-        if name not in record:
-            raise UserError(f"{where}: field '{name}' is missing; every record needs prompt, chosen and rejected")
-        value = record[name]
-        if not isinstance(value, str):
-            raise UserError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-        if name != "prompt" and not value.strip():
-            raise UserError(f"{where}: field '{name}' is empty; remove the record or fill it in")
-    if not record["prompt"].strip():
-        raise UserError(f"{where}: field 'prompt' is empty; remove the record or fill it in")
-    if record["chosen"] == record["rejected"]:
-        raise UserError(f"{where}: 'chosen' and 'rejected' are identical, so the pair teaches nothing; remove it")
-    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], where)
+@dataclass
+class ReadOptions:
+    format: str = "auto"
+    """A name from `formats.FORMATS`, or auto to detect each file's format from its first record."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """{pair field: column in the file}, applied before detection."""
+    on_invalid: str = "error"
+
+
+@dataclass
+class InvalidRecord:
+    file: str
+    source: str
+    reason: str
+    message: str
+    """The one-line explanation, with place, field and fix."""
+    record: str
+    """The record's text as it was in the file."""
+
+
+@dataclass
+class FileReport:
+    path: str
+    format: str = ""
+    records: int = 0
+    pairs: int = 0
+    invalid: int = 0
+
+
+@dataclass
+class ReadResult:
+    """What reading a split found besides its pairs."""
+
+    files: list[FileReport] = field(default_factory=list)
+    invalid: list[InvalidRecord] = field(default_factory=list)
+
+
+def iter_file_pairs(path: Path, options: ReadOptions, result: ReadResult) -> Iterator[PreferencePair]:
+    """The pairs of one file, in order; problems raise or are added to `result.invalid`, per `options.on_invalid`."""
+    report = FileReport(str(path), format="" if options.format == "auto" else options.format)
+    result.files.append(report)
+    for raw in open_records(Path(path)):
+        report.records += 1
+        try:
+            if raw.problem is not None:
+                raise raw.problem
+            record = _as_object(raw.value)
+            record = rename_columns(record, options.columns)
+            if not report.format:
+                report.format = detect_format(record) or ""
+                if not report.format:
+                    raise unknown_format_error(raw.where, record)
+            pairs = FORMATS[report.format](record)
+        except RecordProblem as problem:
+            report.invalid += 1
+            invalid = InvalidRecord(str(path), raw.where, problem.reason, problem.line(raw.where), raw.text)
+            if options.on_invalid == "error":
+                raise UserError(f"{invalid.message} (or pass --on-invalid skip to set bad records aside)") from None
+            result.invalid.append(invalid)
+            continue
+        report.pairs += len(pairs)
+        for pair in pairs:
+            yield PreferencePair(pair.prompt, pair.chosen, pair.rejected, raw.where)
+    if report.records == 0:
+        raise UserError(f"{path}: no records; the file is empty")
+
+
+def _as_object(value: object) -> dict:
+    if not isinstance(value, dict):
+        kind = {list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+        raise RecordProblem("not an object", None, f"expected a JSON object, got {kind}", "one record per line")
+    return value
+
+
+def iter_pairs(paths: list[str], options: ReadOptions, result: ReadResult) -> Iterator[PreferencePair]:
+    """The pairs of all files, in order."""
+    for path in paths:
+        yield from iter_file_pairs(Path(path), options, result)
+
+
+def read_pairs(paths: list[str], options: ReadOptions | None = None) -> list[PreferencePair]:
+    """All pairs of all files as a list, for small data; an empty result is an error, since there is nothing to
+    learn from. Large data goes through `tokenization.load_tokenized_split`, which streams."""
+    if not paths:
+        raise UserError("no training data: pass --data FILE.jsonl or set data.train in the recipe")
+    result = ReadResult()
+    pairs = list(iter_pairs(paths, options or ReadOptions(), result))
+    check_some_pairs(result, "")
+    return pairs
+
+
+def check_some_pairs(result: ReadResult, name: str) -> None:
+    if sum(report.pairs for report in result.files) == 0:
+        label = f"{name} data: " if name else ""
+        files = ", ".join(report.path for report in result.files)
+        skipped = f"; all {len(result.invalid)} records were invalid" if result.invalid else ""
+        raise UserError(f"{label}no preference pairs in {files}{skipped}")
+
+
+# Reporting what was set aside ---------------------------------------------------------------------------------------
+
+
+def invalid_by_reason(invalid: list[InvalidRecord]) -> dict[str, list[InvalidRecord]]:
+    grouped: dict[str, list[InvalidRecord]] = defaultdict(list)
+    for record in invalid:
+        grouped[record.reason].append(record)
+    return dict(sorted(grouped.items(), key=lambda item: -len(item[1])))
+
+
+def skipped_summary(invalid: list[InvalidRecord], first: int = 3) -> str:
+    """'2 chosen equals rejected (first: f:12, f:99), 1 invalid JSON (first: f:3)'."""
+    parts = []
+    for reason, records in invalid_by_reason(invalid).items():
+        places = ", ".join(record.source for record in records[:first])
+        parts.append(f"{len(records)} {reason} (first: {places})")
+    return ", ".join(parts)
+
+
+def write_skipped(path: Path, invalid: list[InvalidRecord]) -> None:
+    """One JSON line per skipped record: where it was, why, and its text as it was, to fix and feed back."""
+    lines = (json.dumps(dataclasses.asdict(record), ensure_ascii=False) for record in invalid)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def read_jsonl(path: Path) -> Iterator[PreferencePair]:
-    """Yield the pairs of a `{"prompt","chosen","rejected"}` JSONL file; blank lines are skipped."""
-    path = Path(path)
-    with _open_text(path) as handle:
-        line_number = 0
-        try:
-            for line_number, line in enumerate(handle, start=1):  # noqa: B007 (used after the loop on errors)
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise UserError(
-                        f"{where}: invalid JSON ({error.msg} at column {error.colno}); fix the line"
-                    ) from None
-                yield check_record(record, where)
-        except UnicodeDecodeError:
-            raise UserError(f"{path}:{line_number + 1}: not UTF-8 text; is this a binary file?") from None
-
-
-def read_pairs(paths: list[str]) -> list[PreferencePair]:
-    """All pairs of all files, in order; an empty result is an error, since there is nothing to learn from."""
-    if not paths:
-        raise UserError("no training data: pass --data FILE.jsonl or set data.train in the recipe")
-    pairs: list[PreferencePair] = []
-    for path in paths:
-        before = len(pairs)
-        pairs.extend(read_jsonl(Path(path)))
-        if len(pairs) == before:
-            raise UserError(f"{path}: no preference pairs in the file; it is empty")
-    return pairs
+    """The pairs of one file of any format and container, with default settings (the first problem stops)."""
+    return iter_file_pairs(Path(path), ReadOptions(), ReadResult())

@@ -132,12 +132,12 @@ class Trainer:
         self.tokenizer = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
         max_length = recipe.data.max_length
         self.train_pairs, self.train_summary = load_tokenized_split(
-            self.tokenizer, recipe.data.train, max_length, "train", self.console
+            self.tokenizer, recipe.data.train, max_length, "train", self.console, recipe.data, self.output_dir
         )
         self.eval_pairs = None
-        if recipe.data.eval:
+        if recipe.data.eval or recipe.data.eval_split:
             self.eval_pairs, _ = load_tokenized_split(
-                self.tokenizer, recipe.data.eval, max_length, "eval", self.console
+                self.tokenizer, recipe.data.eval, max_length, "eval", self.console, recipe.data, self.output_dir
             )
         base = load_base_model(recipe.model, self.device)
         self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)

@@ -18,6 +18,14 @@ STORIES_MODEL = SHARED / "models" / "stories260K"
 SHARED_DATA = SHARED / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prepared_data_cache(tmp_path_factory):
+    """Prepared (tokenized) data goes to a throwaway folder, never the user's ~/.cache/dpo-cli."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DPO_CLI_CACHE", str(tmp_path_factory.mktemp("prepared-data-cache")))
+        yield
+
+
 def require_shared(path: Path) -> Path:
     """Skip (saying what is missing) when ../shared is not beside the checkout, as in a lone clone."""
     if not path.exists():
