@@ -210,9 +210,9 @@ def _text_features():
 
 
 def _tokenized_features():
-    from datasets import Features, List, Value
+    from datasets import Features, Sequence, Value
 
-    ids = List(Value("int32"))
+    ids = Sequence(Value("int32"))  # List in datasets >= 4; Sequence works in 3.x too
     return Features(
         {
             "prompt_ids": ids,
