@@ -436,13 +436,15 @@ def load_tokenized_split(
     console: Console,
     data: DataSection | None = None,
     output_dir: Path | None = None,
+    with_sources: bool = False,
 ):
     """Read, check and tokenize the files of one split, telling the user what was set aside or cut.
 
     `data` carries the reading settings (format, columns, on_invalid, chat_template, eval_split, cache_dir). With
     `data.eval_split` and no eval files, "train" is the larger part of the train files and "eval" the held-out rest.
     Under `on_invalid: skip`, the skipped records are written to `output_dir/skipped-{name}.jsonl`.
-    Returns (a datasets.Dataset of {prompt_ids, chosen_ids, rejected_ids} rows, a TokenizeSummary).
+    Returns (a datasets.Dataset of {prompt_ids, chosen_ids, rejected_ids} rows, a TokenizeSummary); `with_sources`
+    adds each pair's `source` (file:line), so per-pair results (`eval --per-example`) can point back at the record.
     """
     import numpy as np
 
@@ -473,6 +475,8 @@ def load_tokenized_split(
         write_skipped(Path(output_dir) / f"skipped-{name}.jsonl", summary.skipped)
     report_tokenization(summary, name, max_length, console, prepared, output_dir)
     pairs = prepared.tokenized.select(keep.tolist()).select_columns(ID_COLUMNS)
+    if with_sources:
+        pairs = pairs.add_column("source", prepared.texts.select(keep.tolist())["source"])
     return pairs, summary
 
 
