@@ -152,6 +152,65 @@ def data_check(
         sys.exit(1)
 
 
+@app.command("eval")
+def eval_(
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter folder written by `dpo-cli train`."),
+    data: list[Path] = typer.Option(..., "--data", help="Held-out preference file (repeatable)."),
+    model: str | None = typer.Option(None, "--model", help="Base model; default: the one the adapter was trained on."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Pairs per forward pass (memory grows with it)."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Tokens kept of prompt+completion."),
+    output: Path | None = typer.Option(None, "--output", help="Write the metrics as JSON here."),
+    per_example: Path | None = typer.Option(None, "--per-example", help="Write one JSON line per pair here."),
+    generate: int = typer.Option(0, "--generate", help="Sample completions for this many prompts."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit of each sample."),
+    samples: Path | None = typer.Option(None, "--samples", help="JSONL file for the --generate samples."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --generate samples."),
+    data_format: str | None = typer.Option(None, "--format", help=FORMAT_HELP),
+    columns: str | None = typer.Option(None, "--columns", help=COLUMNS_HELP),
+    on_invalid: str | None = typer.Option(None, "--on-invalid", help=ON_INVALID_HELP),
+    chat_template: Path | None = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
+):
+    """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base), TRL's metrics."""
+    from dpo_cli.eval_adapter import EvalOptions, run_eval
+
+    reading = {"format": data_format, "columns": columns, "on_invalid": on_invalid, "chat_template": chat_template}
+    options = EvalOptions(
+        adapter=adapter,
+        data=[str(path) for path in data],
+        model=model,
+        batch_size=batch_size,
+        max_length=max_length,
+        output=output,
+        per_example=per_example,
+        generate=generate,
+        max_new_tokens=max_new_tokens,
+        samples=samples,
+        seed=seed,
+        reading={key: str(value) for key, value in reading.items() if value is not None},
+    )
+    run_eval(options, console)
+
+
+@app.command("merge-adapter")
+def merge_adapter(
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter folder written by `dpo-cli train`."),
+    output: Path = typer.Option(..., "--output", help="Folder for the merged model."),
+    model: str | None = typer.Option(None, "--model", help="Base model; default: the one the adapter was trained on."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32."),
+    base_weights: str = typer.Option(
+        "nf4", "--base-weights", help="nf4: the dequantized 4-bit weights the adapter was trained on; original."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace --output if it is not empty."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB."),
+):
+    """Fold the adapter into its base: a plain Transformers model, loadable without PEFT or bitsandbytes."""
+    from dpo_cli.merge import MergeOptions
+    from dpo_cli.merge import merge_adapter as run_merge
+
+    options = MergeOptions(adapter, output, model, dtype, base_weights, force, max_shard_size)
+    run_merge(options, console)
+
+
 def _quiet_libraries() -> None:
     """Keep the terminal for our own progress and errors: libraries' info chatter and deprecation notes go."""
     import logging

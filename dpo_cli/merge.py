@@ -1,0 +1,160 @@
+"""`dpo-cli merge-adapter`: fold a LoRA adapter into its base and write a plain Transformers model.
+
+    dpo-cli merge-adapter --adapter runs/happy --output runs/happy-merged --dtype bfloat16
+
+The adapter was trained against the NF4-quantized base, so by default every quantized weight is dequantized with
+bitsandbytes' own kernel (the matrix the 4-bit forward multiplies by) and the LoRA update (alpha/r)·B·A is added in
+float32: the merged model computes the trained policy. `--base-weights original` adds the same update to the
+checkpoint's full-precision weights instead, which differs from the trained policy by NF4's rounding error.
+
+The plain model is the checkpoint loaded in its own dtype; each merged weight replaces its original module by
+module, so memory stays near one copy of the model (plus the 4-bit copy). The folder is written under a temporary
+name, checked (its logits against the 4-bit base + adapter), and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from dpo_cli.errors import UserError
+from dpo_cli.files import atomic_directory
+from dpo_cli.trained_adapter import ADAPTER_NAME, TrainedAdapter, load_base_tokenizer, load_policy, open_adapter
+
+DTYPES = ("bfloat16", "float16", "float32")
+BASE_WEIGHTS = ("nf4", "original")
+PROBE_SHAPE = (2, 32)  # (rows, tokens) of the self-check batch
+PROBE_SEED = 0
+
+
+@dataclass
+class MergeOptions:
+    adapter: Path
+    output: Path
+    model: str | None = None
+    """Base model; None: the one in the adapter's recipe."""
+    dtype: str = "bfloat16"
+    base_weights: str = "nf4"
+    force: bool = False
+    max_shard_size: str = "5GB"
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: not one of {', '.join(DTYPES)}")
+        if self.base_weights not in BASE_WEIGHTS:
+            raise UserError(f"--base-weights {self.base_weights}: not one of {', '.join(BASE_WEIGHTS)}")
+        check_output_dir(Path(self.output), Path(self.adapter), self.force)
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    merged: int
+    """Weights with the LoRA update added."""
+    dequantized: int
+    """NF4 weights written out dequantized."""
+    max_abs_logit_diff: float
+    """Merged model (as written) against the 4-bit base + adapter, on the probe batch."""
+
+
+def check_output_dir(output: Path, adapter_dir: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output}: exists and is not a folder; pick another path")
+    resolved, adapter = output.resolve(), adapter_dir.resolve()
+    if resolved == adapter or resolved in adapter.parents:
+        raise UserError(f"--output {output}: would replace the adapter folder {adapter_dir}; pick another folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise UserError(f"--output {output}: folder is not empty; pass --force to replace it, or pick another folder")
+
+
+def is_4bit(linear) -> bool:
+    return getattr(linear.weight, "quant_state", None) is not None
+
+
+def dequantized(linear) -> torch.Tensor:
+    """The float32 matrix a bitsandbytes Linear4bit multiplies by."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(linear.weight.data, linear.weight.quant_state).float()
+
+
+def fold_adapter(policy, plain, base_weights: str) -> tuple[int, int]:
+    """Put into `plain` (same architecture, full weights) what the policy computes; returns (merged, dequantized)."""
+    from peft.tuners.lora import LoraLayer
+
+    source_model = policy.get_base_model()
+    merged = dequantized_count = 0
+    for name, target in plain.named_modules():
+        if not isinstance(target, torch.nn.Linear):
+            continue
+        source = source_model.get_submodule(name)
+        delta = None
+        if isinstance(source, LoraLayer):
+            delta = source.get_delta_weight(ADAPTER_NAME).float().cpu()  # (out, in)
+            source = source.base_layer
+        from_nf4 = base_weights == "nf4" and is_4bit(source)
+        if delta is None and not from_nf4:
+            continue  # neither adapted nor quantized: the checkpoint's weight is already what the policy used
+        weight = dequantized(source).cpu() if from_nf4 else target.weight.detach().float()
+        if delta is not None:
+            weight = weight + delta
+            merged += 1
+        dequantized_count += from_nf4
+        target.weight = torch.nn.Parameter(weight.to(target.weight.dtype), requires_grad=False)
+    return merged, dequantized_count
+
+
+def load_plain_base(adapter: TrainedAdapter):
+    """The checkpoint in its own dtype on the CPU: no quantization, no PEFT."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        adapter.base_path, dtype="auto", trust_remote_code=adapter.recipe.model.trust_remote_code
+    )
+
+
+def probe_ids(vocab_size: int) -> torch.Tensor:
+    """(2, 32) seeded random token ids: logits on them compare two models without any data at hand."""
+    return torch.randint(0, vocab_size, PROBE_SHAPE, generator=torch.Generator().manual_seed(PROBE_SEED))
+
+
+@torch.no_grad()
+def logits_on(model, input_ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=input_ids.to(device)).logits.float().cpu()  # (B, T, V)
+
+
+def merged_logit_diff(folder: Path, dtype: str, policy_logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Max |logit| difference of the model as written in `folder` against the policy's logits."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    return float((logits_on(merged, input_ids) - policy_logits).abs().max())
+
+
+def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
+    options.check()
+    adapter = open_adapter(options.adapter, options.model, console)
+    if options.base_weights == "nf4" and not adapter.recipe.model.quantize:
+        console.print("the adapter was trained on an unquantized base: merging into its original weights")
+    tokenizer = load_base_tokenizer(adapter)
+    policy = load_policy(adapter)
+    input_ids = probe_ids(policy.config.vocab_size)
+    policy_logits = logits_on(policy, input_ids)
+    plain = load_plain_base(adapter)
+    merged, dequantized_count = fold_adapter(policy, plain, options.base_weights)
+    plain.to(getattr(torch, options.dtype))
+    with atomic_directory(Path(options.output), replace=True) as staging:
+        plain.save_pretrained(staging, max_shard_size=options.max_shard_size)
+        tokenizer.save_pretrained(staging)
+        del plain  # the check reads the files back; keep one copy of the weights in memory
+        diff = merged_logit_diff(staging, options.dtype, policy_logits, input_ids)
+    console.print(
+        f"merged the adapter into {merged} weights ({dequantized_count} NF4 weights dequantized), "
+        f"{options.dtype}, written to {options.output}"
+    )
+    console.print(f"self-check: max |logit difference| against the 4-bit base + adapter = {diff:.3g}")
+    return MergeResult(Path(options.output), merged, dequantized_count, diff)
