@@ -138,23 +138,121 @@ class TrainingSection:
 
 @dataclass
 class DpoSection:
+    """The objective; names and checks are TRL 1.16's DPOConfig's. The losses are tabled in docs/losses.md."""
+
     beta: float = 0.1
-    """Strength of the pull towards the reference: small beta lets the policy drift further."""
-    label_smoothing: float = 0.0
-    """cDPO: the assumed probability that a pair's label is flipped."""
+    """Strength of the pull towards the reference: small beta lets the policy drift further (IPO's τ)."""
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    """One loss or several summed (e.g. MPO: [sigmoid, bco_pair, sft]); TRL's names."""
+    loss_weights: list[float] | None = None
+    """One weight per loss_type entry; none means 1.0 each."""
+    label_smoothing: float = 0.0
+    """ε: cDPO for sigmoid, aot, aot_unpaired; the label flip probability of robust; exo_pair's ε (> 0, e.g. 1e-3)."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature of the logistic/exponential mix."""
+    ld_alpha: float | None = None
+    """LD-DPO: weight in [0, 1] of the tokens by which one completion outruns the other; none: plain sums."""
+    use_weighting: bool = False
+    """WPO: weight each pair by how likely the policy is to sample both completions."""
+    f_divergence_type: str = "reverse_kl"
+    """f-DPO: reverse_kl (plain DPO), forward_kl, js_divergence or alpha_divergence."""
+    f_alpha_divergence_coef: float = 0.5
+    """α of alpha_divergence."""
+    reference_free: bool = False
+    """SimPO: no reference model at all; length-normalised policy log-probs with a target margin `gamma`."""
+    gamma: float = 0.5
+    """SimPO's target reward margin (only with reference_free)."""
+    precompute_ref: bool = False
+    """Score the reference once over the training data before the first step, so each step runs only the policy."""
 
     def __post_init__(self):
-        if self.beta <= 0:
-            raise UserError(f"recipe key dpo.beta: {self.beta} must be positive, e.g. 0.1")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise UserError(f"recipe key dpo.label_smoothing: {self.label_smoothing} is outside [0, 0.5)")
+        from dpo_cli import losses  # late: losses imports torch, configs load without it
+
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
-        from dpo_cli.losses import LOSS_TYPES  # late: losses imports torch, configs load without it
-
+        if not self.loss_type:
+            raise UserError("recipe key dpo.loss_type: empty; name at least one loss, e.g. [sigmoid]")
         for name in self.loss_type:
-            _check_choice("dpo.loss_type", name, tuple(LOSS_TYPES))
+            _check_choice("dpo.loss_type", name, tuple(losses.LOSS_TYPES))
+        _check_choice("dpo.f_divergence_type", self.f_divergence_type, tuple(losses.F_DIVERGENCES))
+        if self.beta <= 0:
+            raise UserError(f"recipe key dpo.beta: {self.beta} must be positive, e.g. 0.1")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise UserError(
+                f"recipe key dpo.loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} losses "
+                f"{self.loss_type}; give one weight per loss_type entry"
+            )
+        self._check_label_smoothing(losses.LABEL_SMOOTHING_LOSSES)
+        self._check_loss_options(losses)
+        if self.reference_free:
+            self._check_reference_free(losses.REFERENCE_FREE_LOSSES)
+
+    def _uses(self, names: tuple[str, ...]) -> bool:
+        return any(name in names for name in self.loss_type)
+
+    def _check_label_smoothing(self, smoothing_losses: tuple[str, ...]) -> None:
+        key, value = "recipe key dpo.label_smoothing", self.label_smoothing
+        if value and not self._uses(smoothing_losses):
+            raise UserError(
+                f"{key}: {value} has no effect on {self.loss_type}; only {', '.join(smoothing_losses)} read it"
+            )
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{key}: {value} is outside [0, 1)")
+        flip_losses = [name for name in self.loss_type if name in smoothing_losses and name != "exo_pair"]
+        if flip_losses and not value < 0.5:
+            raise UserError(
+                f"{key}: {value} must be below 0.5 for {', '.join(flip_losses)}: it is the probability that a label "
+                "is flipped, and from 0.5 on the rejected completion would be preferred"
+            )
+        if "exo_pair" in self.loss_type and value == 0.0:
+            raise UserError(f"{key}: exo_pair needs it above 0 (log ε would be -inf); the EXO paper uses 1e-3")
+
+    def _check_loss_options(self, losses) -> None:
+        if self.discopop_tau <= 0:
+            raise UserError(f"recipe key dpo.discopop_tau: {self.discopop_tau} must be positive, e.g. 0.05")
+        if self.discopop_tau != 0.05 and "discopop" not in self.loss_type:
+            raise UserError(f"recipe key dpo.discopop_tau: read only by loss_type discopop, not {self.loss_type}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise UserError(f"recipe key dpo.ld_alpha: {self.ld_alpha} is outside [0, 1]; 1 is plain DPO")
+        if self.f_divergence_type != "reverse_kl" and not set(self.loss_type) <= set(losses.F_DIVERGENCE_LOSSES):
+            others = sorted(set(self.loss_type) - set(losses.F_DIVERGENCE_LOSSES))
+            raise UserError(
+                f"recipe key dpo.f_divergence_type: {self.f_divergence_type} has no valid form for "
+                f"{', '.join(others)}; it works with {', '.join(losses.F_DIVERGENCE_LOSSES)}, or use reverse_kl"
+            )
+        if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":
+            raise UserError(
+                "recipe key dpo.f_alpha_divergence_coef: read only with f_divergence_type alpha_divergence, "
+                f"not {self.f_divergence_type}"
+            )
+        if self.use_weighting and self._uses(losses.SORTING_LOSSES):
+            raise UserError(
+                "recipe key dpo.use_weighting: WPO weights are per pair, but aot and aot_unpaired sort pairs over the "
+                "batch; use another loss or turn use_weighting off"
+            )
+        if self.use_weighting and "sft" in self.loss_type:
+            raise UserError(
+                "recipe key dpo.use_weighting: sft is one number per batch, not per pair, so WPO has no weight for it "
+                "(TRL 1.16 fails on this combination too); drop sft or turn use_weighting off"
+            )
+        if self.gamma != 0.5 and not self.reference_free:
+            raise UserError("recipe key dpo.gamma: SimPO's margin is read only with dpo.reference_free: true")
+
+    def _check_reference_free(self, reference_free_losses: tuple[str, ...]) -> None:
+        key = "recipe key dpo.reference_free"
+        if "sigmoid" not in self.loss_type or not set(self.loss_type) <= set(reference_free_losses):
+            raise UserError(
+                f"{key}: runs SimPO, whose loss is loss_type sigmoid (optionally with sft, as CPO-SimPO); "
+                f"{self.loss_type} needs a reference"
+            )
+        for option, value, default, why in (
+            ("precompute_ref", self.precompute_ref, False, "there is no reference to precompute"),
+            ("f_divergence_type", self.f_divergence_type, "reverse_kl", "f-divergences act on reference log-ratios"),
+            ("ld_alpha", self.ld_alpha, None, "SimPO already normalises by length"),
+            ("use_weighting", self.use_weighting, False, "WPO-weighted SimPO has no TRL counterpart to check it"),
+        ):
+            if value != default:
+                raise UserError(f"{key}: cannot be combined with dpo.{option}={value}: {why}")
 
 
 @dataclass

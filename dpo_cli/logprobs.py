@@ -34,22 +34,28 @@ def _chunk_logits(hidden, weight, bias, logit_scale, softcap):
 
 class _FusedTokenLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, logit_scale, softcap):
-        # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) -> log p(target) (N,) float32
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, logit_scale, softcap, with_sum_sq):
+        # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) -> log p(target) (N,) float32, and with
+        # `with_sum_sq` also log Σ_v p_v² (N,) float32 (no gradient; WPO's weights read it), else None
         log_z = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         target_logits = torch.empty_like(log_z)
+        log_sum_sq = torch.empty_like(log_z) if with_sum_sq else None
         with torch.no_grad():
             for start in range(0, hidden.shape[0], chunk_size):
                 stop = start + chunk_size
                 logits = _chunk_logits(hidden[start:stop], weight, bias, logit_scale, softcap)
                 log_z[start:stop] = torch.logsumexp(logits, dim=-1)
                 target_logits[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1)
+                if with_sum_sq:  # log Σ p² = logsumexp(2 z) - 2 log Z, from the same chunk of logits
+                    log_sum_sq[start:stop] = torch.logsumexp(2 * logits, dim=-1) - 2 * log_z[start:stop]
         ctx.save_for_backward(hidden, weight, bias, targets, log_z)
         ctx.chunk_size, ctx.logit_scale, ctx.softcap = chunk_size, logit_scale, softcap
-        return target_logits - log_z
+        if with_sum_sq:
+            ctx.mark_non_differentiable(log_sum_sq)
+        return target_logits - log_z, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_logps):
+    def backward(ctx, grad_logps, _grad_log_sum_sq):
         hidden, weight, bias, targets, log_z = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -77,7 +83,7 @@ class _FusedTokenLogProbs(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def token_logps(
@@ -91,7 +97,22 @@ def token_logps(
 ) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) for each row of `hidden` (N, H), as float32 (N,), differentiable."""
     chunk_size = max(1, chunk_elements // weight.shape[0])
-    return _FusedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_size, float(logit_scale), softcap)
+    logps, _ = _FusedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_size, float(logit_scale), softcap, False)
+    return logps
+
+
+def token_logps_and_sum_sq(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps`, and log Σ_v p_v² per row (N,) from the same pass over the vocabulary, without gradient."""
+    chunk_size = max(1, chunk_elements // weight.shape[0])
+    return _FusedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_size, float(logit_scale), softcap, True)
 
 
 @dataclass
@@ -100,6 +121,7 @@ class CompletionLogps:
     token_completion: torch.Tensor  # (N,) long, which completion each scored token belongs to
     sums: torch.Tensor  # (2P,) float32, summed log-probs per completion, chosen first
     lengths: torch.Tensor  # (2P,) long, scored tokens per completion
+    log_sum_sq_probs: torch.Tensor | None = None  # (N,) float32 log Σ_v p_v² per scored token, no grad, when asked
 
     def chosen_rejected(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sums.chunk(2)
@@ -110,8 +132,12 @@ def sum_per_completion(values: torch.Tensor, token_completion: torch.Tensor, num
     return values.new_zeros(num_completions).index_add(0, token_completion, values)
 
 
-def completion_logps(backbone, lm_head, batch, logit_scale: float = 1.0, softcap: float | None = None):
-    """Run the backbone over a `PreferenceBatch` and score its completion tokens through `lm_head`."""
+def completion_logps(
+    backbone, lm_head, batch, logit_scale: float = 1.0, softcap: float | None = None, with_sum_sq: bool = False
+):
+    """Run the backbone over a `PreferenceBatch` and score its completion tokens through `lm_head`.
+
+    With `with_sum_sq`, also log Σ_v p_v² per scored token (what WPO's weights need), at no extra matmul."""
     hidden_states = backbone(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -122,11 +148,15 @@ def completion_logps(backbone, lm_head, batch, logit_scale: float = 1.0, softcap
     hidden = hidden_states[scored]  # (N, H), row-major: each completion's tokens contiguous
     targets = batch.target_ids[scored]
     token_completion = batch.completion_index[scored]
-    logps = token_logps(hidden, lm_head.weight, targets, lm_head.bias, logit_scale, softcap)
+    if with_sum_sq:
+        logps, log_sum_sq = token_logps_and_sum_sq(hidden, lm_head.weight, targets, lm_head.bias, logit_scale, softcap)
+    else:
+        logps, log_sum_sq = token_logps(hidden, lm_head.weight, targets, lm_head.bias, logit_scale, softcap), None
     num_completions = 2 * batch.num_pairs
     return CompletionLogps(
         token_logps=logps,
         token_completion=token_completion,
         sums=sum_per_completion(logps, token_completion, num_completions),
         lengths=torch.bincount(token_completion, minlength=num_completions),
+        log_sum_sq_probs=log_sum_sq,
     )

@@ -63,11 +63,11 @@ def test_cdpo_label_smoothing_by_hand():
     log-ratios: chosen -1 - (-1.5) = 0.5, rejected -2 - (-1.5) = -0.5, so Δ = 1. With β = 1, ε = 0.1:
     loss = -0.9 log σ(1) - 0.1 log σ(-1) = 0.9 * 0.3132617 + 0.1 * 1.3132617 = 0.4132617.
     """
-    from dpo_cli.losses import PairLogps, sigmoid_loss
+    from dpo_cli.losses import LossOptions, PairLogps, sigmoid_loss
 
     logps = PairLogps(*(torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5)))
-    assert sigmoid_loss(logps, beta=1.0, label_smoothing=0.1).item() == pytest.approx(0.4132617, abs=1e-6)
-    assert sigmoid_loss(logps, beta=1.0).item() == pytest.approx(0.3132617, abs=1e-6)
+    assert sigmoid_loss(logps, LossOptions(beta=1.0, label_smoothing=0.1)).item() == pytest.approx(0.4132617, abs=1e-6)
+    assert sigmoid_loss(logps, LossOptions(beta=1.0)).item() == pytest.approx(0.3132617, abs=1e-6)
 
 
 def test_stories260k_4bit_equals_trl_including_gradients(stories_model, stories_data, tmp_path):
