@@ -51,7 +51,7 @@ def _check_without_tokenizer(paths: list[str], data: DataSection, console: Conso
     from dpo_cli.tokenization import read_options, write_texts
 
     with tempfile.TemporaryDirectory(prefix="dpo-cli-check-") as folder:
-        read, _ = write_texts(Path(folder), list(paths), read_options(data), "checked")
+        read, _ = write_texts(Path(folder), list(paths), read_options(data))
         texts = Dataset.from_file(str(Path(folder) / "texts.arrow"))
         columns = texts.select_columns(["file_index", "pair_hash"]).with_format("numpy")[:]
         del texts  # release the memory map before the folder goes

@@ -118,8 +118,10 @@ def check_messages(value: Any, field: str, role_key: str = "role", content_key: 
         where = f"{field}[{index}]"
         if not isinstance(message, dict):
             raise wrong_type(where, message, f"a message object with {role_key} and {content_key}")
-        role = get_field(message, role_key, f"{role_key} and {content_key} in every message")
-        content = get_field(message, content_key, f"{role_key} and {content_key} in every message")
+        for key in (role_key, content_key):
+            if key not in message:
+                raise missing(f"{where}.{key}", f"{role_key} and {content_key} in every message")
+        role, content = message[role_key], message[content_key]
         if not isinstance(role, str):
             raise wrong_type(f"{where}.{role_key}", role, "a string")
         if not isinstance(content, str):

@@ -40,9 +40,7 @@ class RawRecord:
 
 def open_records(path: Path) -> Iterator[RawRecord]:
     """Every record of one file or dataset folder; file-level problems (missing, binary, ...) raise UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: file not found; check the path")
+    path = check_readable(path)
     if path.is_dir():
         return _saved_dataset_records(path)
     head = _read_head(path)
@@ -53,6 +51,25 @@ def open_records(path: Path) -> Iterator[RawRecord]:
     if b"\x00" in head:
         raise UserError(f"{path}: binary data, not text; pass {SUPPORTED}")
     return _text_records(path, path.open("rb"))
+
+
+def _is_json_lines_name(path: Path) -> bool:
+    """A .jsonl name (also .jsonl.gz, .jsonl.zst) says one value per line, even when a line is a JSON array."""
+    suffixes = [s.lower() for s in path.suffixes]
+    return ".jsonl" in suffixes[-2:]
+
+
+def check_readable(path: Path) -> Path:
+    """The path, if it is a file or a dataset folder that can be read; else the one-line reason why not."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found; check the path")
+    if path.is_dir():
+        if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
+            raise UserError(f"{path}: is a folder but not one saved by datasets.save_to_disk; pass {SUPPORTED}")
+    else:
+        _read_head(path)
+    return path
 
 
 def _read_head(path: Path) -> bytes:
@@ -72,12 +89,11 @@ def _open_compressed(path: Path, head: bytes) -> IO[bytes]:
 
 
 def _text_records(path: Path, raw: IO[bytes]) -> Iterator[RawRecord]:
-    """JSON lines, or a JSON array when the first non-blank character is '['."""
+    """JSON lines, or a JSON array when the name is not .jsonl and the first non-blank character is '['."""
     stream = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
     try:
         with stream:
-            first = _first_significant_byte(stream)
-            if first == b"[":
+            if not _is_json_lines_name(path) and _first_significant_byte(stream) == b"[":
                 yield from _json_array_records(path, stream)
             else:
                 yield from _json_line_records(path, stream)
@@ -117,9 +133,9 @@ def _json_line_records(path: Path, stream: IO[bytes]) -> Iterator[RawRecord]:
             continue
         text = line.rstrip("\r\n")
         try:
-            yield RawRecord(where, text, value=json.loads(line))
+            yield RawRecord(where, text, value=json.loads(text))
         except json.JSONDecodeError as error:
-            yield RawRecord(where, text, problem=_invalid_json(error))
+            yield RawRecord(where, text, problem=_invalid_json(error, text))
 
 
 def _json_array_records(path: Path, stream: IO[bytes]) -> Iterator[RawRecord]:
@@ -213,7 +229,8 @@ class _ArrayReader:
         if not self.buffer[error.pos :].strip() or error.msg.startswith("Unterminated string"):  # the end was cut
             return RawRecord(where, text, problem=_cut_off())
         column = error.pos - self.buffer.rfind("\n", 0, error.pos)
-        problem = RecordProblem("invalid JSON", None, f"invalid JSON ({error.msg} at column {column})", "fix it")
+        detail = f"invalid JSON ({error.msg.removesuffix(' at')}, column {column})"
+        problem = RecordProblem("invalid JSON", None, detail, "fix it")
         return RawRecord(where, text, problem=problem)
 
 
@@ -221,8 +238,6 @@ def _saved_dataset_records(path: Path) -> Iterator[RawRecord]:
     if (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if p.is_dir())
         raise UserError(f"{path}: holds several splits ({', '.join(splits)}); pass one of them, e.g. {path}/train")
-    if not (path / "state.json").is_file():
-        raise UserError(f"{path}: is a folder but not one saved by datasets.save_to_disk; pass {SUPPORTED}")
     from datasets import load_from_disk
 
     try:
@@ -257,8 +272,11 @@ def _not_utf8() -> RecordProblem:
     return RecordProblem("not UTF-8", None, "not UTF-8 text", "is this a binary file? save the data as UTF-8")
 
 
-def _invalid_json(error: json.JSONDecodeError) -> RecordProblem:
-    return RecordProblem("invalid JSON", None, f"invalid JSON ({error.msg} at column {error.colno})", "fix the line")
+def _invalid_json(error: json.JSONDecodeError, line: str) -> RecordProblem:
+    if error.pos >= len(line.rstrip()) or error.msg.startswith("Unterminated string"):
+        return RecordProblem("invalid JSON", None, "invalid JSON: the line ends inside the record", "is it cut off?")
+    detail = f"invalid JSON ({error.msg.removesuffix(' at')}, column {error.colno})"
+    return RecordProblem("invalid JSON", None, detail, "fix the line")
 
 
 def _cut_off() -> RecordProblem:

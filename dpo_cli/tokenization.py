@@ -33,7 +33,6 @@ from dpo_cli.data import (
     PreferencePair,
     ReadOptions,
     ReadResult,
-    check_some_pairs,
     iter_file_pairs,
     skipped_summary,
     write_skipped,
@@ -42,6 +41,7 @@ from dpo_cli.data_cache import cache_root, prepared_key, tokenizer_fingerprint
 from dpo_cli.errors import UserError
 from dpo_cli.files import atomic_directory
 from dpo_cli.formats import Text, parse_columns
+from dpo_cli.readers import check_readable
 
 ID_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
 WRITE_BATCH = 10_000
@@ -240,9 +240,7 @@ def _pair_hash(prompt: str, chosen: str, rejected: str, is_chat: bool) -> int:
     return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True)
 
 
-def write_texts(
-    folder: Path, paths: list[str], options: ReadOptions, name: str, tokenizer=None
-) -> tuple[ReadResult, int]:
+def write_texts(folder: Path, paths: list[str], options: ReadOptions, tokenizer=None) -> tuple[ReadResult, int]:
     """Stream every pair of `paths` into `folder/texts.arrow` in batches; (what reading found, pairs written).
     With a tokenizer, the first chat pair checks that it has a chat template, before hours of reading."""
     from datasets.arrow_writer import ArrowWriter
@@ -269,7 +267,6 @@ def write_texts(
         if columns["source"]:
             writer.write_batch(columns)
         writer.finalize()
-    check_some_pairs(result, name)
     return result, written
 
 
@@ -371,6 +368,8 @@ def prepare_split(tokenizer, paths: list[str], data: DataSection, name: str, con
         flag = "--eval-data" if name == "eval" else "--data"
         raise UserError(f"no {name} data: pass {flag} FILE.jsonl or set data.{name} in the recipe")
     options = read_options(data)
+    for path in paths:  # before fingerprinting them: a missing file is the user's one-line error, not a traceback
+        check_readable(path)
     if data.chat_template:
         use_chat_template(tokenizer, data.chat_template)
     settings = {"format": options.format, "columns": options.columns, "max_length": data.max_length}
@@ -395,24 +394,31 @@ def _build(folder: Path, tokenizer, paths: list[str], options: ReadOptions, max_
     from datasets import Dataset
 
     console.print(f"{name} data: reading {', '.join(map(str, paths))}", markup=False)
-    result, written = write_texts(folder, paths, options, name, tokenizer)
-    texts = Dataset.from_file(str(folder / "texts.arrow"))
+    result, written = write_texts(folder, paths, options, tokenizer)
     workers = _worker_count() if written >= PARALLEL_FROM else None
     console.print(f"{name} data: tokenizing {written:,} pairs" + (f" in {workers} processes" if workers else ""))
-    tokenized = texts.map(
-        tokenize_batch,
-        batched=True,
-        batch_size=1000,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-        remove_columns=["prompt", "chosen", "rejected", "is_chat", "source"],
-        features=_tokenized_features(),
-        num_proc=workers,
-        cache_file_name=str(folder / "tokenized.arrow"),
-        new_fingerprint=folder.name,
-    )
+    if written == 0:  # every record was set aside: an empty table, since `map` over no rows writes no file
+        from datasets.arrow_writer import ArrowWriter
+
+        with ArrowWriter(features=_tokenized_features(), path=str(folder / "tokenized.arrow")) as writer:
+            writer.finalize()
+        tokenized_files = ["tokenized.arrow"]
+    else:
+        tokenized = Dataset.from_file(str(folder / "texts.arrow")).map(
+            tokenize_batch,
+            batched=True,
+            batch_size=1000,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+            remove_columns=["prompt", "chosen", "rejected", "is_chat", "source"],
+            features=_tokenized_features(),
+            num_proc=workers,
+            cache_file_name=str(folder / "tokenized.arrow"),
+            new_fingerprint=folder.name,
+        )
+        tokenized_files = [Path(f["filename"]).name for f in tokenized.cache_files]
     meta = {
         "files": [dataclasses.asdict(report) for report in result.files],
-        "tokenized_files": [Path(f["filename"]).name for f in tokenized.cache_files],
+        "tokenized_files": tokenized_files,
     }
     write_skipped(folder / "invalid.jsonl", result.invalid)
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -459,8 +465,6 @@ def load_tokenized_split(
     keep = np.setdiff1d(np.arange(len(prepared.tokenized)), prepared.problem_rows())
     if part is not None:
         keep = _split_part(keep, data.eval_split, part)
-    if len(keep) == 0:
-        raise UserError(f"{name} data: no pair is left to use; see the skipped records above")
     hashes = np.asarray(prepared.tokenized.data.column("pair_hash").to_numpy())[keep]
     truncated = np.asarray(prepared.tokenized.data.column("truncated").to_numpy(zero_copy_only=False))[keep]
     summary = TokenizeSummary(
@@ -474,6 +478,8 @@ def load_tokenized_split(
     if summary.skipped and output_dir is not None:
         write_skipped(Path(output_dir) / f"skipped-{name}.jsonl", summary.skipped)
     report_tokenization(summary, name, max_length, console, prepared, output_dir)
+    if not summary.kept:
+        raise UserError(f"{name} data: no pair is left to train on; {len(skipped):,} records or pairs were skipped")
     pairs = prepared.tokenized.select(keep.tolist()).select_columns(ID_COLUMNS)
     if with_sources:
         pairs = pairs.add_column("source", prepared.texts.select(keep.tolist())["source"])
