@@ -27,6 +27,7 @@ from dpo_cli.files import move_files_into, write_text_atomic
 from dpo_cli.metrics import MetricsLog, PairMetrics, is_finite
 from dpo_cli.model import add_lora, load_base_model, load_tokenizer, resolve_device, trainable_parameters
 from dpo_cli.objective import score_batch
+from dpo_cli.reference import precompute_reference_logps, with_reference
 from dpo_cli.tokenization import load_tokenized_split
 
 METRICS_FILE = "metrics.jsonl"
@@ -142,6 +143,16 @@ class Trainer:
         base = load_base_model(recipe.model, self.device)
         self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
         self.model.train()
+        self.train_ref_logps = None  # (num_pairs, 2) with dpo.precompute_ref: the steps then skip the reference pass
+        if recipe.dpo.precompute_ref:
+            self.train_ref_logps = precompute_reference_logps(
+                self.model,
+                self.train_pairs,
+                self.tokenizer.pad_token_id,
+                recipe.dpo,
+                recipe.training.eval_batch_size,
+                self.console,
+            )
         params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(params, lr=recipe.training.lr, weight_decay=recipe.training.weight_decay)
         self.stream = DataStream(len(self.train_pairs), recipe.training.batch_size, recipe.training.seed)
@@ -168,6 +179,11 @@ class Trainer:
         first = self.state.micro_batches_done
         return [self.stream.indices(m) for m in range(first, first + self.recipe.training.grad_accum)]
 
+    def _pairs(self, indices: list[int]) -> list:
+        if self.train_ref_logps is None:
+            return [self.train_pairs[i] for i in indices]
+        return [with_reference(self.train_pairs[i], self.train_ref_logps[i]) for i in indices]
+
     def train_step(self) -> dict:
         started = time.perf_counter()
         batches = self._step_batches()
@@ -175,7 +191,7 @@ class Trainer:
         metrics = PairMetrics()
         tokens = 0
         for indices in batches:
-            batch = collate_padded([self.train_pairs[i] for i in indices], self.tokenizer.pad_token_id).to(self.device)
+            batch = collate_padded(self._pairs(indices), self.tokenizer.pad_token_id).to(self.device)
             scores = score_batch(self.model, batch, self.recipe.dpo)
             if not is_finite(scores.losses.detach().sum()):
                 raise TrainingDiverged(

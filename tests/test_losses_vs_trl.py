@@ -255,3 +255,105 @@ def test_hinge_with_wpo_weights_equals_trl_forward(oracle):
     assert scores.loss.item() == pytest.approx(trl_loss.item(), rel=RTOL)
     assert scores.chosen_rewards.mean().item() == pytest.approx(trl_metrics["rewards/chosen"], rel=RTOL)
     assert scores.rejected_rewards.mean().item() == pytest.approx(trl_metrics["rewards/rejected"], rel=RTOL)
+
+
+@pytest.mark.parametrize("ld_alpha", [None, 0.5])
+def test_precompute_ref_equals_trl(fitted, tmp_path, monkeypatch, ld_alpha):
+    """Reference log-probs computed before training equal those TRL stores with `precompute_ref_log_probs` (LD-weighted
+    when ld_alpha is set, as TRL stores them), in batches of another size; a step that reads them runs no reference
+    pass and gives TRL's loss, rewards and gradients."""
+    from rich.console import Console
+
+    from dpo_cli import objective
+    from dpo_cli.reference import precompute_reference_logps, with_reference
+
+    model, tokenizer, records = fitted_model(fitted)
+    trainer = make_trl_trainer(
+        model, tokenizer, records, tmp_path, precompute_ref_log_probs=True, ld_alpha=ld_alpha, beta=0.1
+    )
+    randomize_lora(trainer.model, seed=0)
+    rows = [trainer.train_dataset[i] for i in range(PAIRS)]
+    theirs = torch.tensor([[row["ref_chosen_logps"], row["ref_rejected_logps"]] for row in rows])
+
+    dpo = DpoSection(beta=0.1, ld_alpha=ld_alpha, precompute_ref=True)
+    ours = precompute_reference_logps(trainer.model, rows, tokenizer.pad_token_id, dpo, 4, Console(quiet=True))
+    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=0)
+
+    def no_reference_pass(*args, **kwargs):
+        raise AssertionError("a step with precomputed reference log-probs ran the reference model")
+
+    monkeypatch.setattr(objective, "reference_logps", no_reference_pass)
+    batch = collate_padded([with_reference(row, ours[i]) for i, row in enumerate(rows)], tokenizer.pad_token_id)
+    configure(trainer, dpo)
+    compare(trainer, trl_batch(trainer, PAIRS), batch, dpo)
+
+
+def cpo_layout_pairs(cpo_inputs) -> list[dict]:
+    """TRL CPOTrainer's padded batch back to token-id pairs: the prompt is what its labels mask."""
+    pairs = []
+    for i in range(cpo_inputs["chosen_input_ids"].shape[0]):
+        pair = {}
+        for side in ("chosen", "rejected"):
+            real = cpo_inputs[f"{side}_attention_mask"][i].bool()
+            ids = cpo_inputs[f"{side}_input_ids"][i][real].tolist()
+            start = int((cpo_inputs[f"{side}_labels"][i][real] != -100).nonzero()[0])
+            pair.setdefault("prompt_ids", ids[:start])
+            assert pair["prompt_ids"] == ids[:start], "chosen and rejected share the prompt tokens"
+            pair[f"{side}_ids"] = ids[start:]
+        pairs.append(pair)
+    return pairs
+
+
+@pytest.mark.parametrize("cpo_alpha", [0.0, 0.5])
+def test_reference_free_equals_trl_cpo_simpo(fitted, tmp_path, monkeypatch, cpo_alpha):
+    """TRL 1.16's DPOTrainer has no reference-free mode; its (experimental) CPOTrainer has SimPO as
+    `loss_type="simpo"`, plus the NLL of the chosen tokens weighted by `cpo_alpha` (CPO-SimPO). Ours is
+    `reference_free` with loss_type [sigmoid, sft] and loss_weights [1, cpo_alpha]: same loss, rewards (β times the
+    mean token log-prob) and LoRA gradients."""
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    from dpo_cli import objective
+    from dpo_cli.config import LoraSection
+    from dpo_cli.model import lora_config
+
+    model, tokenizer, records = fitted_model(fitted)
+    args = CPOConfig(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        loss_type="simpo",
+        beta=2.0,
+        simpo_gamma=0.8,
+        cpo_alpha=cpo_alpha,
+        per_device_train_batch_size=PAIRS,
+        remove_unused_columns=False,
+    )
+    trainer = CPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        peft_config=lora_config(LoraSection()),
+    )
+    randomize_lora(trainer.model, seed=0)
+    cpo_inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(PAIRS)])
+    policy = trainer.model
+    policy.train()
+    cpo_loss, cpo_metrics = trainer.get_batch_loss_metrics(policy, cpo_inputs)
+    cpo_loss.backward()
+    cpo_grads = lora_grads(policy)
+
+    loss_type, weights = (["sigmoid"], None) if cpo_alpha == 0 else (["sigmoid", "sft"], [1.0, cpo_alpha])
+    dpo = DpoSection(beta=2.0, gamma=0.8, reference_free=True, loss_type=loss_type, loss_weights=weights)
+    batch = collate_padded(cpo_layout_pairs(cpo_inputs), tokenizer.pad_token_id)
+    monkeypatch.setattr(objective, "reference_logps", None)  # reference-free: calling it would fail
+    scores = score_batch(policy, batch, dpo)
+    scores.loss.backward()
+    our_grads = lora_grads(policy)
+
+    assert scores.loss.item() == pytest.approx(cpo_loss.item(), rel=RTOL)
+    assert scores.chosen_rewards.mean().item() == pytest.approx(cpo_metrics["rewards/chosen"], rel=RTOL)
+    assert scores.rejected_rewards.mean().item() == pytest.approx(cpo_metrics["rewards/rejected"], rel=RTOL)
+    assert ((our_grads - cpo_grads).abs().max() / cpo_grads.abs().max()).item() <= RTOL
