@@ -138,7 +138,7 @@ class TrainingSection:
 
 @dataclass
 class DpoSection:
-    """The objective; names and checks are TRL 1.16's DPOConfig's. The losses are tabled in docs/losses.md."""
+    """The objective; names and checks are TRL 1.16's DPOConfig's. The README's Losses section tables them."""
 
     beta: float = 0.1
     """Strength of the pull towards the reference: small beta lets the policy drift further (IPO's τ)."""

@@ -1,10 +1,10 @@
 """Reference log-probs computed once before training (`dpo.precompute_ref`), as TRL's `precompute_ref_log_probs`.
 
 The reference is the base model with the adapters disabled, so it never changes during training: scoring it once
-over the training pairs saves one forward pass per step (about a third of a step's compute). The values are kept
-beside the pairs as a (num_pairs, 2) tensor rather than written into them, and `with_reference` hands a pair to the
-layout with its two numbers attached; the layout puts them in the batch, and `score_batch` then skips the
-reference pass. The values are what the losses see: LD-weighted when `dpo.ld_alpha` is set.
+over the training pairs saves one forward pass per step (of about four: the policy's forward and backward). The
+values are kept beside the pairs as a (num_pairs, 2) tensor rather than written into them, and `with_reference`
+hands a pair to the layout with its two numbers attached; the layout puts them in the batch, and `score_batch` then
+skips the reference pass. The values are what the losses see: LD-weighted when `dpo.ld_alpha` is set.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ the key, and `precompute_ref` trains exactly as the live reference does while sk
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -158,3 +160,15 @@ def test_precompute_ref_trains_like_the_live_reference_without_its_pass(
             assert step_pre[key] == pytest.approx(step_live[key], rel=1e-5, abs=1e-7), key
     assert live[-1]["loss"] < live[0]["loss"], "the run learns, so later steps test a moved policy"
     assert torch.isfinite(trainer.train_ref_logps).all()
+
+
+def test_the_readme_tables_every_loss_and_option():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Losses", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| `")}
+    assert {f"`{name}`" for name in LOSS_TYPES} <= {row.split(" ")[0] for row in rows}
+    options = {f.name for f in dataclasses.fields(DpoSection)} - {"beta", "loss_type", "loss_weights"}
+    options -= {"label_smoothing", "discopop_tau"}  # the loss table's hyperparameter column covers these
+    assert all(f"`{option}`" in section for option in options), sorted(o for o in options if f"`{o}`" not in section)
