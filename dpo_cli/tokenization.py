@@ -247,12 +247,13 @@ def write_texts(folder: Path, paths: list[str], options: ReadOptions, tokenizer=
 
     result = ReadResult()
     columns: dict[str, list] = {column: [] for column in _text_features()}
-    written = 0
+    written, has_chat = 0, False
     with ArrowWriter(features=_text_features(), path=str(folder / "texts.arrow")) as writer:
         for file_index, path in enumerate(paths):
             for pair in iter_file_pairs(Path(path), options, result):
-                if pair.is_chat and tokenizer is not None and written == 0:
+                if pair.is_chat and tokenizer is not None and not has_chat:
                     _require_chat_template(tokenizer, pair, result.files[-1].format)
+                    has_chat = True
                 texts = (_stored_text(pair.prompt), _stored_text(pair.chosen), _stored_text(pair.rejected))
                 for column, value in zip(("prompt", "chosen", "rejected"), texts, strict=True):
                     columns[column].append(value)
@@ -479,7 +480,7 @@ def load_tokenized_split(
         write_skipped(Path(output_dir) / f"skipped-{name}.jsonl", summary.skipped)
     report_tokenization(summary, name, max_length, console, prepared, output_dir)
     if not summary.kept:
-        raise UserError(f"{name} data: no pair is left to train on; {len(skipped):,} records or pairs were skipped")
+        raise UserError(f"{name} data: no pair is left to use; {len(skipped):,} records or pairs were skipped")
     pairs = prepared.tokenized.select(keep.tolist()).select_columns(ID_COLUMNS)
     if with_sources:
         pairs = pairs.add_column("source", prepared.texts.select(keep.tolist())["source"])
@@ -490,8 +491,10 @@ def _split_part(rows, fraction: float, part: str):
     """The rows of the "eval" (held-out) or "train" part, in file order; the held-out part has at least one row."""
     import numpy as np
 
-    if len(rows) < 2:
-        raise UserError(f"data.eval_split needs at least 2 pairs to split, and there are {len(rows)}")
+    if len(rows) == 0:  # nothing to split: the caller says that no pair is left
+        return rows
+    if len(rows) == 1:
+        raise UserError("data.eval_split needs at least 2 pairs to split, and there is 1; add data or drop the split")
     held_out = min(len(rows) - 1, max(1, round(fraction * len(rows))))
     order = np.random.default_rng(SPLIT_SEED).permutation(len(rows))
     chosen = order[:held_out] if part == "eval" else order[held_out:]

@@ -182,7 +182,7 @@ def test_all_records_invalid_under_skip_is_an_error_after_the_summary(tmp_path, 
     code, stdout, stderr = run_cli_inprocess(capsys, *_train_args(path, tmp_path, "--on-invalid", "skip"))
     assert code == 2
     assert "skipped 2" in stdout
-    assert stderr == "error: train data: no pair is left to train on; 2 records or pairs were skipped\n"
+    assert stderr == "error: train data: no pair is left to use; 2 records or pairs were skipped\n"
 
 
 def test_bad_data_settings_are_named(tmp_path, capsys):
