@@ -228,7 +228,7 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
@@ -246,3 +246,8 @@ def main() -> None:
         raise
     except SystemExit:
         raise
+    # Outside standalone mode typer turns Ctrl-C into Exit(130) and *returns* that code rather than exiting with it.
+    if code == 130:
+        print("error: interrupted", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)
