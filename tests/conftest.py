@@ -52,6 +52,49 @@ def stories_data() -> dict[str, Path]:
     return {"train": root / "train.jsonl", "test": root / "test.jsonl"}
 
 
+def train_adapter(out: Path, model: Path, data: Path, max_steps: int, *extra: str) -> Path:
+    """Run `dpo-cli train` in this process (from a session fixture, where capsys is not available)."""
+    from typer.testing import CliRunner
+
+    from dpo_cli.cli import app
+
+    args = ["train", "--model", model, "--data", data, "--output-dir", out, "--max-steps", max_steps, *extra]
+    args += ["--set", "training.save_steps=0", "--set", "model.gradient_checkpointing=false"]
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def stories_adapter(stories_model, stories_data, tmp_path_factory) -> Path:
+    """An adapter `dpo-cli train` made on 4-bit stories260K and stories-happy (24 steps, about 20 s)."""
+    out = tmp_path_factory.mktemp("stories-adapter") / "run"
+    return train_adapter(
+        out, stories_model, stories_data["train"], 24, "--batch-size", "8", "--lr", "2e-3", "--max-length", "128"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_demo, tmp_path_factory) -> Path:
+    """An adapter `dpo-cli train` made on the 4-bit tiny demo model (8 steps, a few seconds)."""
+    out = tmp_path_factory.mktemp("tiny-adapter") / "run"
+    return train_adapter(out, tiny_demo["model"], tiny_demo["train"], 8, "--batch-size", "8", "--lr", "5e-3")
+
+
+@pytest.fixture
+def narrower_tiny_model(tiny_demo, tmp_path) -> Path:
+    """A base that is not the tiny demo's: half its width, same tokenizer."""
+    from transformers import AutoTokenizer
+
+    from dpo_cli.tiny import build_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_demo["model"])
+    folder = tmp_path / "narrower"
+    build_model(len(tokenizer), hidden_size=32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def run_cli_inprocess(capsys, *args: str) -> tuple[int, str, str]:
     """Run `dpo-cli ARGS` in this process (fast: no re-import of torch); returns (exit code, stdout, stderr)."""
     from dpo_cli.cli import main
