@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchlib  # noqa: E402
 
-from dpo_cli.logprobs import token_logps  # noqa: E402
+from dpo_cli.logprobs import DEFAULT_CHUNK_ELEMENTS, token_logps  # noqa: E402
 
 CPU_SIZES = "2048x32000x1024,2048x128256x512,4096x128256x256"
 CUDA_SIZES = "2048x128256x1024,2048x128256x4096,4096x128256x4096"
@@ -73,9 +73,9 @@ def trl_logps(hidden, weight, targets):
     return outputs[0]
 
 
-def implementation(name: str):
+def implementation(name: str, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
     if name == "fused":
-        return lambda h, w, t: token_logps(h, w, t)
+        return lambda h, w, t: token_logps(h, w, t, chunk_elements=chunk_elements)
     if name == "full":
         return full_logps
     if name == "trl":
@@ -122,12 +122,12 @@ class Measurement:
     max_abs_diff_grad: float
 
 
-def bench_size(size: Size, impls, dtype, device, repeats: int, warmup: int, weight_grad: bool) -> list[Measurement]:
+def bench_size(size: Size, impls, dtype, device, repeats, warmup, weight_grad, chunk_elements) -> list[Measurement]:
     hidden, weight, targets, grad_out = make_inputs(size, dtype, device, weight_grad)
     results = []
     reference = None
     for name in sorted(impls, key=lambda n: n != "full"):  # `full` first: the others are compared to it
-        fn = implementation(name)
+        fn = implementation(name, chunk_elements)
         for _ in range(warmup):
             run_once(fn, hidden, weight, targets, grad_out)
         times = []
@@ -198,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--weight-grad", action="store_true", help="also differentiate the LM-head weight")
+    parser.add_argument(
+        "--chunk-elements",
+        type=int,
+        default=DEFAULT_CHUNK_ELEMENTS,
+        help=f"fused: elements of one (chunk, vocab) logits block (default dpo-cli's {DEFAULT_CHUNK_ELEMENTS})",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the measurements as JSON here")
     parser.add_argument(
@@ -228,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fused log-probs benchmark on {device.type}: {machine}; dtype {str(dtype).removeprefix('torch.')}")
     results: list[Measurement] = []
     for size in sizes:
-        results.extend(bench_size(size, impls, dtype, device, args.repeats, args.warmup, args.weight_grad))
+        results.extend(
+            bench_size(size, impls, dtype, device, args.repeats, args.warmup, args.weight_grad, args.chunk_elements)
+        )
     rendered = table(results)
     print()
     print(rendered)

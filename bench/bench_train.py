@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,7 @@ class Spec:
     trl_lora_fp32: bool
     threads: int
     output_dir: str
+    profile_path: str = ""  # CPU: write the profiled step's operator table here
 
     @property
     def total_steps(self) -> int:
@@ -126,22 +128,23 @@ def _sentence_text(rng: random.Random, words: int) -> str:
 def hh_synthetic_pairs(count: int, max_length: int, seed: int = 0) -> list[dict[str, str]]:
     """HH-RLHF-shaped pairs: a multi-turn `\\n\\nHuman: ... \\n\\nAssistant:` prompt and two long replies.
 
-    Lengths are drawn in words relative to `max_length` so that, with a small-vocabulary tokenizer (2-3 tokens a
-    word), rows spread from half to all of `max_length` and some completions get cut, as real dialogue data does.
+    Lengths are drawn in words relative to `max_length` so that, with the BPE tokenizer `--model synthetic` trains on
+    this text, rows spread from 40% of `max_length` to past it (mean about 80%, a third of the completions cut), as
+    real dialogue data does.
     """
     rng = random.Random(seed)
     pairs = []
     for _ in range(count):
-        prompt_words = rng.randint(max_length // 16, max_length // 6)
-        turns = rng.randint(1, 3)
+        prompt_words = rng.randint(max_length // 16, max_length // 8)
+        turns = rng.randint(1, 3) if prompt_words >= 48 else 1
         prompt = ""
         for turn in range(turns):
-            prompt += "\n\nHuman: " + _sentence_text(rng, max(4, prompt_words // (2 * turns)))
+            prompt += "\n\nHuman: " + _sentence_text(rng, max(2, prompt_words // (2 * turns)))
             if turn < turns - 1:
-                prompt += "\n\nAssistant: " + _sentence_text(rng, max(4, prompt_words // (2 * turns)))
+                prompt += "\n\nAssistant: " + _sentence_text(rng, max(2, prompt_words // (2 * turns)))
         prompt += "\n\nAssistant:"
-        chosen = " " + _sentence_text(rng, rng.randint(max_length // 16, max_length // 4))
-        rejected = " " + _sentence_text(rng, rng.randint(max_length // 16, max_length // 4))
+        chosen = " " + _sentence_text(rng, rng.randint(max_length // 8, 2 * max_length // 5))
+        rejected = " " + _sentence_text(rng, rng.randint(max_length // 8, 2 * max_length // 5))
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
 
@@ -168,14 +171,22 @@ def source_records(args, workdir: Path) -> tuple[list[dict], str]:
     return read_records(path), str(path)
 
 
-def ordered_data(records: list[dict], pairs_needed: int, seed: int, path: Path) -> Path:
-    """The pairs both tools read front to back: a seeded shuffle, cycled until there are enough.
+def drop_long_prompts(records: list[dict], model_path: str, max_length: int) -> tuple[list[dict], int]:
+    """The pairs whose prompt leaves room for a completion: TRL drops the others, and dpo-cli drops or refuses them."""
+    from dpo_cli.model import load_tokenizer
 
-    Twice what is needed, so pairs dropped by both for a prompt that fills max_length never leave a step short.
-    """
+    tokenizer = load_tokenizer(model_path)
+    kept = [r for r in records if len(tokenizer(r["prompt"])["input_ids"]) < max_length - 1]
+    if not kept:
+        raise SystemExit(f"every prompt fills --max-length {max_length}; raise it")
+    return kept, len(records) - len(kept)
+
+
+def ordered_data(records: list[dict], pairs_needed: int, seed: int, path: Path) -> Path:
+    """The pairs both tools read front to back: a seeded shuffle, cycled until there are enough."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    rows = [records[order[i % len(order)]] for i in range(2 * pairs_needed + len(order))]
+    rows = [records[order[i % len(order)]] for i in range(max(pairs_needed, len(order)))]
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
 
@@ -328,6 +339,7 @@ def run_dpo_cli(spec: Spec) -> WorkerResult:
         losses.append(record["loss"])
         if step == last:
             memory.__exit__(None, None, None)
+            _write_profile(spec, memory)
     load.append(os.getloadavg()[0])
 
     digests, tokens = [], []
@@ -438,6 +450,7 @@ def run_trl(spec: Spec) -> WorkerResult:
                 memory.__enter__()
             if step == last:
                 memory.__exit__(None, None, None)
+                _write_profile(spec, memory)
 
     trainer.add_callback(StepClock())
     setup_seconds = time.perf_counter() - started
@@ -470,6 +483,12 @@ def run_trl(spec: Spec) -> WorkerResult:
         setup_seconds=setup_seconds,
         notes=notes,
     )
+
+
+def _write_profile(spec: Spec, memory: benchlib.PeakMemory) -> None:
+    table = memory.op_table() if spec.profile_path else None
+    if table:
+        Path(spec.profile_path).write_text(table)
 
 
 def _absolute_peak(device) -> float:
@@ -659,6 +678,11 @@ def parse_args(argv):
     synthetic.add_argument("--heads", type=int, default=0, help="0: hidden / 64")
     synthetic.add_argument("--kv-heads", type=int, default=0, help="0: heads / 4")
     synthetic.add_argument("--intermediate", type=int, default=0, help="0: 4 x hidden")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="CPU: write each run's profiled step as an operator table (profile-TOOL-RUN.txt in the work folder)",
+    )
     parser.add_argument("--timeout", type=int, default=600, help="seconds per worker run (default 600)")
     parser.add_argument("--workdir", type=Path, help="where the model, data and runs go (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="also write the summaries and raw results as JSON here")
@@ -692,6 +716,9 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     records, data_name = source_records(args, workdir)
     model_path, model_name = resolve_model(args, records, workdir, device.type)
+    records, dropped = drop_long_prompts(records, model_path, args.max_length)
+    if dropped:
+        data_name += f", {dropped} pairs left out whose prompt fills max_length"
     pairs_needed = (args.warmup + args.steps + 1) * args.batch_size
     data_path = ordered_data(records, pairs_needed, args.seed, workdir / "ordered.jsonl")
 
@@ -729,6 +756,8 @@ def main(argv: list[str] | None = None) -> None:
         for tool in tools if run % 2 == 0 else reversed(tools):
             spec = specs[tool]
             spec.output_dir = str(workdir / f"run-{tool}-{run}")
+            shutil.rmtree(spec.output_dir, ignore_errors=True)  # a rerun in the same --workdir starts clean
+            spec.profile_path = str(workdir / f"profile-{tool}-{run}.txt") if args.profile else ""
             spec_path = workdir / f"spec-{tool}-{run}.json"
             spec_path.write_text(json.dumps(asdict(spec)))
             by_tool[tool].append(run_worker(tool, spec_path, workdir, run, args.timeout))

@@ -67,6 +67,12 @@ class PeakMemory:
         if exc[0] is None:
             self.peak = _profiled_cpu_peak(self._profiler)
 
+    def op_table(self, rows: int = 40) -> str | None:
+        """CPU: the profiled region's operators by self CPU time (None on CUDA, where no profiler runs)."""
+        if self._profiler is None:
+            return None
+        return self._profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
     @property
     def peak_mib(self) -> float | None:
         return None if self.peak is None else self.peak / MIB
