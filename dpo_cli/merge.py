@@ -156,7 +156,8 @@ def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
         f"merged the adapter into {merged} weights ({dequantized_count} NF4 weights dequantized), "
         f"{options.dtype}, written to {options.output}"
     )
-    console.print(f"self-check: max |logit difference| against the 4-bit base + adapter = {diff:.3g}")
+    base = "4-bit base" if adapter.recipe.model.quantize else "base"
+    console.print(f"self-check: max |logit difference| against the {base} + adapter = {diff:.3g}")
     if options.base_weights == "original" and adapter.recipe.model.quantize:
         console.print("(with --base-weights original this includes NF4's rounding of the base, by design)")
     return MergeResult(Path(options.output), merged, dequantized_count, diff)
