@@ -63,16 +63,11 @@ class EvalOptions:
                 raise UserError(f"{flag} {path}: is a folder; pass a file path")
 
 
-def _progress(label: str, console: Console) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
-    )
-
-
 @contextmanager
 def _advancing(label: str, total: int, console: Console) -> Iterator:
     """A progress bar over `total` items; yields the callback that advances it."""
-    with _progress(label, console) as progress:
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
         task = progress.add_task(label, total=total)
         yield lambda done: progress.advance(task, done)
 

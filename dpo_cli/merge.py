@@ -81,6 +81,22 @@ def dequantized(linear) -> torch.Tensor:
     return dequantize_4bit(linear.weight.data, linear.weight.quant_state).float()
 
 
+def check_plain_lora(policy, adapter_dir: Path) -> None:
+    """Only plain LoRA is folded below; DoRA magnitudes or whole trained modules would be silently dropped."""
+    config = policy.peft_config[ADAPTER_NAME]
+    extras = {
+        "use_dora": getattr(config, "use_dora", False),
+        "modules_to_save": getattr(config, "modules_to_save", None),
+        "trainable_token_indices": getattr(config, "trainable_token_indices", None),
+        "lora_bias": getattr(config, "lora_bias", False),
+    }
+    used = [key for key, value in extras.items() if value]
+    if used:
+        raise UserError(
+            f"{adapter_dir}: adapter_config.json sets {', '.join(used)}; merge-adapter folds plain LoRA only"
+        )
+
+
 def fold_adapter(policy, plain, base_weights: str) -> tuple[int, int]:
     """Put into `plain` (same architecture, full weights) what the policy computes; returns (merged, dequantized)."""
     from peft.tuners.lora import LoraLayer
@@ -142,6 +158,7 @@ def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
         console.print("the adapter was trained on an unquantized base: merging into its original weights")
     tokenizer = load_base_tokenizer(adapter)
     policy = load_policy(adapter)
+    check_plain_lora(policy, adapter.path)
     input_ids = probe_ids(policy.config.vocab_size)
     policy_logits = logits_on(policy, input_ids)
     plain = load_plain_base(adapter)

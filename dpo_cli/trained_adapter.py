@@ -116,7 +116,7 @@ def load_base_tokenizer(adapter: TrainedAdapter):
 def load_policy(adapter: TrainedAdapter):
     """The PeftModel: base (4-bit unless the recipe says otherwise) + adapter, in eval mode, nothing trainable.
 
-    With its adapters disabled (`model.reference_mode`) it is the reference.
+    With its adapters disabled (`dpo_cli.model.reference_mode`) it is the reference.
     """
     config = adapter.recipe.model
     base = load_base_model(config, resolve_device(config.device))

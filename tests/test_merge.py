@@ -204,3 +204,18 @@ def test_merge_bad_input_as_a_user_sees_it(tiny_adapter, tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: --dtype int4: not one of bfloat16, float16, float32"]
+
+
+def test_merge_refuses_lora_variants_it_would_fold_wrongly(tmp_path):
+    from types import SimpleNamespace
+
+    from peft import LoraConfig
+
+    from dpo_cli.errors import UserError
+    from dpo_cli.merge import check_plain_lora
+
+    check_plain_lora(SimpleNamespace(peft_config={"default": LoraConfig()}), tmp_path)  # what `dpo-cli train` writes
+    for variant in ({"use_dora": True}, {"modules_to_save": ["lm_head"]}, {"lora_bias": True}):
+        policy = SimpleNamespace(peft_config={"default": LoraConfig(**variant)})
+        with pytest.raises(UserError, match=f"sets {next(iter(variant))}; merge-adapter folds plain LoRA only"):
+            check_plain_lora(policy, tmp_path)
