@@ -81,8 +81,14 @@ def metrics_table(metrics: dict[str, float], title: str) -> Table:
     return table
 
 
+# Generated text can hold the characters that str.splitlines() also breaks lines on (json.dumps escapes the others);
+# escaping them keeps one record per line for every reader while the rest of the text stays readable.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    lines = (json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n" for row in rows)
+    write_text_atomic(path, "".join(lines))
 
 
 def run_eval(options: EvalOptions, console: Console) -> dict:

@@ -179,3 +179,13 @@ def test_eval_refuses_a_deeper_base_the_adapter_only_partly_covers(stories_adapt
     code, _, stderr = run_cli_inprocess(capsys, "eval", "--adapter", stories_adapter, "--data", data, "--model", deeper)
     assert code == 2
     assert "adapter is for another base" in stderr and "(first: model.layers.5." in stderr, stderr
+
+
+def test_jsonl_outputs_keep_one_record_per_line_for_any_reader(tmp_path):
+    from dpo_cli.eval_adapter import write_jsonl
+
+    # Byte-fallback tokenizers can sample any character, including those str.splitlines() breaks on.
+    rows = [{"policy": "a\u2028b\x85c\u2029d", "reference": "é 中"}, {"policy": "plain"}]
+    write_jsonl(tmp_path / "samples.jsonl", rows)
+    assert read_jsonl(tmp_path / "samples.jsonl") == rows
+    assert "é 中" in (tmp_path / "samples.jsonl").read_text(encoding="utf-8")  # readable, not \u-escaped
