@@ -197,7 +197,7 @@ def test_bad_inputs_end_in_one_line_without_traceback(tiny_demo, tmp_path):
         (("--batch-size", 0), "training.batch_size: 0 must be positive"),
         (("--set", "lora.rank=8"), "unknown recipe key lora.rank"),
         (("--model", "/nonexistent/model"), "not a model folder"),
-        (("--max-length", 1), "every pair's prompt fills max_length=1"),
+        (("--max-length", 1), "fills max_length=1"),
     ],
 )
 def test_more_bad_inputs_in_process(tiny_demo, tmp_path, capsys, extra, message):
