@@ -76,12 +76,14 @@ def loss_options(dpo: DpoSection) -> LossOptions:
 
 
 def score_batch(model, batch: PreferenceBatch, dpo: DpoSection) -> BatchScores:
+    # The reference goes first: its activations are freed before the policy's autograd graph is built.
+    reference = None if dpo.reference_free else reference_sequence_logps(model, batch, dpo)
     policy = policy_logps(model, batch, with_sum_sq=dpo.use_weighting)
     chosen, rejected = sequence_logps(policy, dpo.ld_alpha).chunk(2)
-    if dpo.reference_free:
+    if reference is None:  # SimPO
         ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
     else:
-        ref_chosen, ref_rejected = reference_sequence_logps(model, batch, dpo).chunk(2)
+        ref_chosen, ref_rejected = reference.chunk(2)
     chosen_lengths, rejected_lengths = policy.lengths.chunk(2)
     plain_chosen = policy.sums.chunk(2)[0] if dpo.ld_alpha is not None else None
     logps = PairLogps(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, plain_chosen)
