@@ -193,10 +193,11 @@ class Trainer:
         for indices in batches:
             batch = collate_padded(self._pairs(indices), self.tokenizer.pad_token_id).to(self.device)
             scores = score_batch(self.model, batch, self.recipe.dpo)
-            if not is_finite(scores.losses.detach().sum()):
+            loss_sum = float(scores.losses.detach().sum())
+            if not is_finite(loss_sum):
                 raise TrainingDiverged(
-                    f"step {self.state.step + 1}: the loss is {float(scores.losses.detach().sum())}; training stopped, the last "
-                    "good checkpoint is kept. Lower --lr or --beta, or check the data"
+                    f"step {self.state.step + 1}: the loss is {loss_sum}; training stopped, the last good checkpoint "
+                    "is kept. Lower --lr or --beta, or check the data"
                 )
             # Each pair weighs the same in the step's gradient, however the pairs are split into micro-batches.
             (scores.losses.sum() / pairs_in_step).backward()
