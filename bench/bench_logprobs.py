@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -231,12 +232,17 @@ def main(argv: list[str] | None = None) -> None:
         impls.remove("trl")
 
     machine = benchlib.machine_description(device, args.threads)
-    print(f"fused log-probs benchmark on {device.type}: {machine}; dtype {str(dtype).removeprefix('torch.')}")
+    version = benchlib.code_version(Path(__file__).resolve().parent.parent)
+    print(
+        f"fused log-probs benchmark on {device.type}: {machine}; {version}; dtype {str(dtype).removeprefix('torch.')}"
+    )
     results: list[Measurement] = []
+    load = [os.getloadavg()[0]]
     for size in sizes:
         results.extend(
             bench_size(size, impls, dtype, device, args.repeats, args.warmup, args.weight_grad, args.chunk_elements)
         )
+    load.append(os.getloadavg()[0])
     rendered = table(results)
     print()
     print(rendered)
@@ -248,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         command = benchlib.command_line("bench/bench_logprobs.py", sys.argv[1:] if argv is None else argv)
         block = (
             f"### {benchlib.today()}: `{command}`\n\n"
-            f"Machine: {machine}. dtype {str(dtype).removeprefix('torch.')}; gradients w.r.t. {grads}; "
+            f"Machine: {machine}; {benchlib.library_versions()}; 1-min load average {min(load):.1f}-{max(load):.1f}. "
+            f"Code: {version}. "
+            f"dtype {str(dtype).removeprefix('torch.')}; gradients w.r.t. {grads}; "
             f"median of {args.repeats} forward+backward runs after {args.warmup} warmup; peak = torch allocations "
             "above the inputs during one run. `time / full` and `peak / full` are ratios to the plain "
             "logits + log_softmax + gather path (lower is better).\n\n"
