@@ -9,6 +9,7 @@ check warms the cache for the run that follows.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -26,8 +27,6 @@ TOKEN_FIELDS = ("prompt", "chosen", "rejected")
 
 def check_files(paths: list[str], data: DataSection, model: str | None, console: Console) -> dict:
     """The report of `paths` read with `data`'s settings; every problem is counted, none stops the check."""
-    import dataclasses
-
     data = dataclasses.replace(data, train=list(paths), on_invalid="skip")
     if model is None:
         return _check_without_tokenizer(paths, data, console)
@@ -39,7 +38,7 @@ def check_files(paths: list[str], data: DataSection, model: str | None, console:
     columns = prepared.tokenized.select_columns(
         ["file_index", "pair_hash", "prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated", "problem"]
     ).with_format("numpy")[:]
-    problems = prepared.tokenization_problems()
+    problems = prepared.tokenization_problems(prepared.problem_rows())
     report = _report(prepared.read, problems, columns, data.max_length)
     report["model"] = model
     return report

@@ -329,8 +329,8 @@ class PreparedSplit:
         has_problem = pc.not_equal(self.tokenized.data.column("problem"), "")
         return np.flatnonzero(has_problem.to_numpy(zero_copy_only=False)).tolist()
 
-    def tokenization_problems(self) -> list[InvalidRecord]:
-        rows = self.problem_rows()
+    def tokenization_problems(self, rows: list[int]) -> list[InvalidRecord]:
+        """The rows of `problem_rows()` as records to report and write out, their texts as the pair was read."""
         if not rows:
             return []
         problems = self.tokenized.select(rows).select_columns(["problem", "problem_message"])
@@ -460,19 +460,21 @@ def load_tokenized_split(
     if data.eval_split and not data.eval:
         part, paths = name, (data.train if name == "eval" and not paths else paths)
     prepared = prepare_split(tokenizer, paths, data, name, console)
-    skipped = prepared.read.invalid + prepared.tokenization_problems()
+    problem_rows = prepared.problem_rows()
+    skipped = prepared.read.invalid + prepared.tokenization_problems(problem_rows)
     if skipped and data.on_invalid == "error":
         raise UserError(f"{skipped[0].message} (or pass --on-invalid skip to set bad records aside)")
-    keep = np.setdiff1d(np.arange(len(prepared.tokenized)), prepared.problem_rows())
+    keep = np.setdiff1d(np.arange(len(prepared.tokenized)), problem_rows)
     if part is not None:
         keep = _split_part(keep, data.eval_split, part)
     hashes = np.asarray(prepared.tokenized.data.column("pair_hash").to_numpy())[keep]
     truncated = np.asarray(prepared.tokenized.data.column("truncated").to_numpy(zero_copy_only=False))[keep]
+    skipped_here = skipped if part != "eval" else []  # the held-out part's skips are the train part's, said once
     summary = TokenizeSummary(
         kept=len(keep),
-        dropped_long_prompt=[r.source for r in skipped if r.reason == "prompt fills max_length"],
+        dropped_long_prompt=[r.source for r in skipped_here if r.reason == "prompt fills max_length"],
         truncated=int(truncated.sum()),
-        skipped=skipped if part != "eval" else [],  # the held-out part's skips are the train part's, said once
+        skipped=skipped_here,
         duplicates=len(hashes) - len(np.unique(hashes)),
         from_cache=prepared.from_cache,
     )
