@@ -166,7 +166,7 @@ def table(results: list[Measurement]) -> str:
         "peak MiB",
         "time / full",
         "peak / full",
-        "max |Δ logp|",
+        "max abs Δ logp",
     ]
     rows = []
     for m in results:

@@ -98,7 +98,7 @@ class WorkerResult:
     trainable_params: int
     peak_step_mib: float | None
     absolute_peak_mib: float  # CUDA: max_memory_allocated; CPU: peak RSS of the worker
-    rss_before_training_mib: float
+    rss_before_training_mib: float  # RSS once the model, adapter and data are loaded, before the first step
     setup_seconds: float
     notes: list[str] = field(default_factory=list)
 
@@ -527,6 +527,7 @@ class Summary:
     cpu_seconds_per_step: float  # median CPU time of the worker's threads per timed step
     peak_step_mib: float | None
     absolute_peak_mib: float
+    rss_growth_mib: float | None  # CPU: peak RSS minus RSS before the first step
     first_loss: float
     last_loss: float
     runs: int
@@ -552,6 +553,9 @@ def summarize(spec: Spec, results: list[WorkerResult]) -> Summary:
         cpu_seconds_per_step=statistics.median(cpu_s),
         peak_step_mib=statistics.median(peaks) if peaks else None,
         absolute_peak_mib=statistics.median(r.absolute_peak_mib for r in results),
+        rss_growth_mib=None
+        if spec.device != "cpu"
+        else statistics.median(r.absolute_peak_mib - r.rss_before_training_mib for r in results),
         first_loss=results[0].losses[0] if results[0].losses else float("nan"),
         last_loss=results[0].losses[-1] if results[0].losses else float("nan"),
         runs=len(results),
@@ -580,43 +584,46 @@ def check_same_work(by_tool: dict[str, list[WorkerResult]]) -> None:
                 )
 
 
-def render(spec: Spec, summaries: dict[str, Summary], device_type: str) -> str:
+def render(summaries: dict[str, Summary], device_type: str) -> str:
     ours, trl = summaries.get("dpo-cli"), summaries.get("trl")
     cpu = device_type == "cpu"
-    peak_name = "peak step MiB (torch, profiled)" if cpu else "peak step MiB (above start)"
-    absolute_name = "max RSS MiB" if cpu else "max allocated MiB"
-    header = ["tool", "pairs/s", "tokens/s", "s/step", "CPU s/step", peak_name, absolute_name, "loss step 1 → last"]
+    header = ["tool", "pairs/s", "tokens/s", "s/step", "CPU s/step"]
+    if cpu:
+        header += ["peak step MiB (torch, profiled)", "RSS growth MiB", "max RSS MiB"]
+    else:
+        header += ["peak step MiB (above start)", "max allocated MiB"]
+    header.append("loss step 1 → last")
+
+    def mib(value, digits=0):
+        return "-" if value is None else f"{value:,.{digits}f}"
+
     rows = []
     for s in summaries.values():
-        rows.append(
-            [
-                "dpo-cli" if s.tool == "dpo-cli" else "TRL 1.16 DPOTrainer",
-                f"{s.pairs_per_second:.2f}",
-                f"{s.tokens_per_second:,.0f}",
-                f"{s.seconds_per_step:.3f}",
-                f"{s.cpu_seconds_per_step:.3f}",
-                "-" if s.peak_step_mib is None else f"{s.peak_step_mib:,.1f}",
-                f"{s.absolute_peak_mib:,.0f}",
-                f"{s.first_loss:.4f} → {s.last_loss:.4f}",
-            ]
-        )
+        row = [
+            "dpo-cli" if s.tool == "dpo-cli" else "TRL 1.16 DPOTrainer",
+            f"{s.pairs_per_second:.2f}",
+            f"{s.tokens_per_second:,.0f}",
+            f"{s.seconds_per_step:.3f}",
+            f"{s.cpu_seconds_per_step:.3f}",
+            mib(s.peak_step_mib, 1),
+        ]
+        row += [mib(s.rss_growth_mib)] if cpu else []
+        rows.append([*row, mib(s.absolute_peak_mib), f"{s.first_loss:.4f} → {s.last_loss:.4f}"])
     if ours and trl:
 
-        def ratio(a, b, digits=2):
-            return "-" if a is None or b is None or not b else f"{a / b:.{digits}f}x"
+        def ratio(a, b):
+            return "-" if a is None or b is None or not b else f"{a / b:.2f}x"
 
-        rows.append(
-            [
-                "**dpo-cli / TRL**",
-                ratio(ours.pairs_per_second, trl.pairs_per_second),
-                ratio(ours.tokens_per_second, trl.tokens_per_second),
-                ratio(ours.seconds_per_step, trl.seconds_per_step),
-                ratio(ours.cpu_seconds_per_step, trl.cpu_seconds_per_step),
-                ratio(ours.peak_step_mib, trl.peak_step_mib),
-                ratio(ours.absolute_peak_mib, trl.absolute_peak_mib),
-                "",
-            ]
-        )
+        row = [
+            "**dpo-cli / TRL**",
+            ratio(ours.pairs_per_second, trl.pairs_per_second),
+            ratio(ours.tokens_per_second, trl.tokens_per_second),
+            ratio(ours.seconds_per_step, trl.seconds_per_step),
+            ratio(ours.cpu_seconds_per_step, trl.cpu_seconds_per_step),
+            ratio(ours.peak_step_mib, trl.peak_step_mib),
+        ]
+        row += [ratio(ours.rss_growth_mib, trl.rss_growth_mib)] if cpu else []
+        rows.append([*row, ratio(ours.absolute_peak_mib, trl.absolute_peak_mib), ""])
     return benchlib.format_table(header, rows)
 
 
@@ -785,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
         settings += "; " + "; ".join(notes)
     loads = [x for results in by_tool.values() for r in results for x in r.load_average]
     load = f"1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs"
-    table = render(spec, summaries, device.type)
+    table = render(summaries, device.type)
     print()
     print(f"settings: {settings}")
     print(f"{version}; {load}")
@@ -796,6 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         payload = {
             "settings": settings,
+            "spec": asdict(spec),
             "machine": machine,
             "code": version,
             "model": model_name,
@@ -806,8 +814,9 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps(payload, indent=1))
     if args.write:
         memory_note = (
-            "peak step = peak of torch CPU allocations during one profiled step after timing; max RSS = the worker "
-            "process's peak RSS, which includes each tool's imports"
+            "peak step = peak of torch CPU allocations during one profiled step after timing; RSS growth = the "
+            "worker's peak RSS minus its RSS before the first step (model, adapter and data loaded); max RSS = the "
+            "worker's peak RSS, which includes each tool's imports"
             if device.type == "cpu"
             else "peak step = torch.cuda.max_memory_allocated over the timed steps minus the allocation at their "
             "start; max allocated = torch.cuda.max_memory_allocated"

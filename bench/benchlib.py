@@ -17,7 +17,6 @@ import platform
 import re
 import resource
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -165,17 +164,6 @@ def write_section_block(path: Path, section: str, block: str) -> None:
         text = f"{before}\n\n{block}" + (f"\n{after}" if after else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[list[float]]:
-    """`with timed() as t: ...` leaves the elapsed seconds in t[0]."""
-    box: list[float] = []
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box.append(time.perf_counter() - start)
 
 
 def command_line(script: str, argv: list[str]) -> str:
