@@ -96,9 +96,7 @@ def token_logps(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) for each row of `hidden` (N, H), as float32 (N,), differentiable."""
-    chunk_size = max(1, chunk_elements // weight.shape[0])
-    logps, _ = _FusedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_size, float(logit_scale), softcap, False)
-    return logps
+    return _fused(hidden, weight, targets, bias, logit_scale, softcap, chunk_elements, with_sum_sq=False)[0]
 
 
 def token_logps_and_sum_sq(
@@ -111,8 +109,13 @@ def token_logps_and_sum_sq(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logps`, and log Σ_v p_v² per row (N,) from the same pass over the vocabulary, without gradient."""
-    chunk_size = max(1, chunk_elements // weight.shape[0])
-    return _FusedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_size, float(logit_scale), softcap, True)
+    return _fused(hidden, weight, targets, bias, logit_scale, softcap, chunk_elements, with_sum_sq=True)
+
+
+def _fused(hidden, weight, targets, bias, logit_scale, softcap, chunk_elements, with_sum_sq):
+    chunk_size = max(1, chunk_elements // weight.shape[0])  # tokens per (chunk, vocab) block
+    scale = float(logit_scale)
+    return _FusedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_size, scale, softcap, with_sum_sq)
 
 
 @dataclass
