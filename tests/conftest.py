@@ -42,6 +42,14 @@ def tiny_demo(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def untrained_tiny(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Llama untrained (a second, not a minute): for tests that need a model folder and its tokenizer."""
+    from dpo_cli.tiny import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("untrained-tiny"), pretrain_steps=0, train_pairs=40, test_pairs=10)
+
+
+@pytest.fixture(scope="session")
 def stories_model() -> Path:
     return require_shared(STORIES_MODEL)
 

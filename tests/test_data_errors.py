@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.conftest import STORIES_MODEL, require_shared, run_cli_inprocess, run_cli_subprocess
+from tests.conftest import run_cli_inprocess, run_cli_subprocess
 
 GOOD = json.dumps({"prompt": "Once upon a time", "chosen": " a happy cat smiled", "rejected": " a sad cat cried"})
 SKIP_HINT = " (or pass --on-invalid skip to set bad records aside)"
@@ -104,30 +104,36 @@ OTHER_BROKEN = {
 EXPECTED = {name: expected for name, (_, expected) in BROKEN_TEXT.items()} | OTHER_BROKEN
 
 
-def _train_args(data, tmp_path, *extra):
-    model = require_shared(STORIES_MODEL)
-    return ["train", "--model", model, "--data", data, "--output-dir", tmp_path / "run", "--max-steps", 1, *extra]
+@pytest.fixture
+def train_args(untrained_tiny, tmp_path):
+    """`dpo-cli train` on the untrained tiny model: bad data must stop it before any model is loaded."""
+
+    def args(data, *extra):
+        model = untrained_tiny["model"]
+        return ["train", "--model", model, "--data", data, "--output-dir", tmp_path / "run", "--max-steps", 1, *extra]
+
+    return args
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_each_broken_file_stops_train_with_its_one_line(name, tmp_path, capsys):
+def test_each_broken_file_stops_train_with_its_one_line(name, tmp_path, capsys, train_args):
     path = _write_broken(tmp_path, name)
-    code, _, stderr = run_cli_inprocess(capsys, *_train_args(path, tmp_path))
+    code, _, stderr = run_cli_inprocess(capsys, *train_args(path))
     assert code == 2
     assert stderr == f"error: {path}{EXPECTED[name]}\n"
     assert not (tmp_path / "run" / "adapter_config.json").exists()
 
 
 @pytest.mark.parametrize("name", ["truncated.jsonl", "garbage.bin", "missing.jsonl"])
-def test_broken_files_in_a_real_process_give_no_traceback(name, tmp_path):
+def test_broken_files_in_a_real_process_give_no_traceback(name, tmp_path, train_args):
     path = _write_broken(tmp_path, name)
-    result = run_cli_subprocess(*_train_args(path, tmp_path))
+    result = run_cli_subprocess(*train_args(path))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {path}{EXPECTED[name]}"]
 
 
-def test_skip_counts_each_reason_and_writes_the_skipped_lines_as_they_were(tmp_path, capsys):
+def test_skip_counts_each_reason_and_writes_the_skipped_lines_as_they_were(tmp_path, capsys, untrained_tiny):
     from rich.console import Console
 
     from dpo_cli.config import DataSection
@@ -139,7 +145,7 @@ def test_skip_counts_each_reason_and_writes_the_skipped_lines_as_they_were(tmp_p
     wrong_type = json.dumps({"prompt": "a", "chosen": 3, "rejected": "c"})
     path = tmp_path / "mixed.jsonl"
     path.write_text(_lines(GOOD, bad_json, GOOD, identical, GOOD, bad_json, wrong_type, GOOD), encoding="utf-8")
-    tokenizer = load_tokenizer(str(require_shared(STORIES_MODEL)))
+    tokenizer = load_tokenizer(str(untrained_tiny["model"]))
     console = Console(width=10_000)
     out = tmp_path / "run"
     pairs, summary = load_tokenized_split(
@@ -159,15 +165,15 @@ def test_skip_counts_each_reason_and_writes_the_skipped_lines_as_they_were(tmp_p
     assert "train data: 3 pairs repeat an earlier pair exactly" in printed
 
 
-def test_skip_sets_aside_pairs_whose_prompt_fills_max_length(tmp_path, capsys):
+def test_skip_sets_aside_pairs_whose_prompt_fills_max_length(tmp_path, capsys, train_args):
     long_prompt = json.dumps({"prompt": "Once upon a time " * 20, "chosen": " yes", "rejected": " no"})
     path = tmp_path / "long.jsonl"
     path.write_text(_lines(GOOD, long_prompt, GOOD), encoding="utf-8")
-    code, _, stderr = run_cli_inprocess(capsys, *_train_args(path, tmp_path, "--max-length", 32))
+    code, _, stderr = run_cli_inprocess(capsys, *train_args(path, "--max-length", 32))
     assert code == 2
     assert stderr.startswith(f"error: {path}:2: field 'prompt': is ")
     assert "tokens, which fills max_length=32 and leaves no room for a completion; raise --max-length" in stderr
-    skip = _train_args(path, tmp_path, "--max-length", 32, "--on-invalid", "skip", "--batch-size", 2)
+    skip = train_args(path, "--max-length", 32, "--on-invalid", "skip", "--batch-size", 2)
     code, stdout, stderr = run_cli_inprocess(capsys, *skip)
     assert code == 0, stderr
     assert f"skipped 1: 1 prompt fills max_length (first: {path}:2)" in " ".join(stdout.split())
@@ -176,16 +182,16 @@ def test_skip_sets_aside_pairs_whose_prompt_fills_max_length(tmp_path, capsys):
     assert "dropped (prompt fills max_length): 1" in (tmp_path / "run" / "train_summary.txt").read_text()
 
 
-def test_all_records_invalid_under_skip_is_an_error_after_the_summary(tmp_path, capsys):
+def test_all_records_invalid_under_skip_is_an_error_after_the_summary(tmp_path, capsys, train_args):
     path = tmp_path / "all_bad.jsonl"
     path.write_text(_lines('{"prompt": 1}', "[]"), encoding="utf-8")
-    code, stdout, stderr = run_cli_inprocess(capsys, *_train_args(path, tmp_path, "--on-invalid", "skip"))
+    code, stdout, stderr = run_cli_inprocess(capsys, *train_args(path, "--on-invalid", "skip"))
     assert code == 2
     assert "skipped 2" in stdout
     assert stderr == "error: train data: no pair is left to use; 2 records or pairs were skipped\n"
 
 
-def test_bad_data_settings_are_named(tmp_path, capsys):
+def test_bad_data_settings_are_named(tmp_path, capsys, train_args):
     path = tmp_path / "ok.jsonl"
     path.write_text(_lines(GOOD, GOOD), encoding="utf-8")
     cases = {
@@ -200,5 +206,5 @@ def test_bad_data_settings_are_named(tmp_path, capsys):
         "found; pass a Jinja template with --chat-template\n",
     }
     for flags, expected in cases.items():
-        code, _, stderr = run_cli_inprocess(capsys, *_train_args(path, tmp_path, *flags))
+        code, _, stderr = run_cli_inprocess(capsys, *train_args(path, *flags))
         assert (code, stderr) == (2, expected)

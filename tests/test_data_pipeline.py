@@ -20,17 +20,21 @@ QUIET = Console(quiet=True)
 
 
 @pytest.fixture
-def tokenizer():
+def tokenizer(untrained_tiny):
+    """A fresh tokenizer per test (some tests change it); the built-in tiny one, so no ../shared is needed."""
     from dpo_cli.model import load_tokenizer
 
-    return load_tokenizer(str(require_shared(STORIES_MODEL)))
+    return load_tokenizer(str(untrained_tiny["model"]))
 
 
 @pytest.fixture
 def records() -> list[dict]:
-    """The first 40 stories-happy test records; line 29 holds a typographic quote."""
-    path = require_shared(SHARED_DATA / "stories-happy" / "test.jsonl")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:40]]
+    """40 pairs of the tiny demo's kind; one holds non-ASCII text."""
+    from dpo_cli.tiny import make_pairs
+
+    pairs = make_pairs(40, seed=3)
+    pairs[28]["rejected"] += " “Wh…” — café"
+    return pairs
 
 
 def _jsonl(records: list[dict]) -> bytes:
@@ -106,9 +110,10 @@ def test_the_cache_is_reused_and_invalidated_by_data_tokenizer_and_max_length(re
     shorter, summary = load()
     assert not summary.from_cache and len(shorter) == len(records) - 1
 
-    shorter_cut, summary = load(max_length=32)
-    assert not summary.from_cache and summary.truncated > 0
-    assert max(len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in shorter_cut) == 32
+    cut = max(len(p["prompt_ids"]) for p in shorter) + 2  # every prompt fits, most completions do not
+    shorter_cut, summary = load(max_length=cut)
+    assert not summary.from_cache and summary.truncated > 0 and len(shorter_cut) == len(shorter)
+    assert max(len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in shorter_cut) == cut
 
     tokenizer.add_tokens(["happy"])  # a new token changes the ids, so the prepared data must change too
     retokenized, summary = load()
