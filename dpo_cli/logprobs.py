@@ -44,10 +44,14 @@ class _FusedTokenLogProbs(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 stop = start + chunk_size
                 logits = _chunk_logits(hidden[start:stop], weight, bias, logit_scale, softcap)
-                log_z[start:stop] = torch.logsumexp(logits, dim=-1)
                 target_logits[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1)
-                if with_sum_sq:  # log Σ p² = logsumexp(2 z) - 2 log Z, from the same chunk of logits
-                    log_sum_sq[start:stop] = torch.logsumexp(2 * logits, dim=-1) - 2 * log_z[start:stop]
+                # logsumexp by hand, in place in the logits block: one (chunk, vocab) buffer instead of two.
+                peak = logits.amax(dim=-1, keepdim=True)
+                shifted_exp = logits.sub_(peak).exp_()
+                log_sum_exp = shifted_exp.sum(dim=-1).log_()
+                log_z[start:stop] = log_sum_exp + peak.squeeze(1)
+                if with_sum_sq:  # log Σ p² = log Σ e^(2(z-m)) - 2 log Σ e^(z-m), from the same block
+                    log_sum_sq[start:stop] = shifted_exp.square_().sum(dim=-1).log_() - 2 * log_sum_exp
         ctx.save_for_backward(hidden, weight, bias, targets, log_z)
         ctx.chunk_size, ctx.logit_scale, ctx.softcap = chunk_size, logit_scale, softcap
         if with_sum_sq:
@@ -65,12 +69,15 @@ class _FusedTokenLogProbs(torch.autograd.Function):
             stop = start + ctx.chunk_size
             chunk = hidden[start:stop]
             logits = _chunk_logits(chunk, weight, bias, ctx.logit_scale, ctx.softcap)
-            # d log p(y) / d logits = onehot(y) - softmax(logits), scaled by the incoming gradient.
-            grad_logits = torch.exp(logits - log_z[start:stop, None]).neg_()
+            # d/dx c*tanh(x/c) = 1 - tanh(x/c)^2, and logits hold c*tanh(x/c): taken before logits are overwritten.
+            softcap_slope = 1 - (logits / ctx.softcap) ** 2 if ctx.softcap is not None else None
+            # d log p(y) / d logits = onehot(y) - softmax(logits), scaled by the incoming gradient; computed in place
+            # in the logits block so backward holds one (chunk, vocab) buffer, not two.
+            grad_logits = logits.sub_(log_z[start:stop, None]).exp_().neg_()
             grad_logits.scatter_add_(1, targets[start:stop, None], torch.ones_like(grad_logits[:, :1]))
             grad_logits.mul_(grad_logps[start:stop, None])
-            if ctx.softcap is not None:  # d/dx c*tanh(x/c) = 1 - tanh(x/c)^2, and logits already hold c*tanh(x/c)
-                grad_logits.mul_(1 - (logits / ctx.softcap) ** 2)
+            if softcap_slope is not None:
+                grad_logits.mul_(softcap_slope)
             if ctx.logit_scale != 1.0:
                 grad_logits.mul_(ctx.logit_scale)
             if need_hidden:
