@@ -19,23 +19,16 @@ from pathlib import Path
 
 from dpo_cli.errors import UserError
 from dpo_cli.files import write_text_atomic
-from dpo_cli.formats import FORMATS, RecordProblem, Text, detect_format, rename_columns, unknown_format_error
+from dpo_cli.formats import FORMATS, Pair, RecordProblem, detect_format, rename_columns, unknown_format_error
 from dpo_cli.readers import open_records
 
 ON_INVALID_CHOICES = ("error", "skip")
 
 
 @dataclass(frozen=True)
-class PreferencePair:
-    prompt: Text
-    chosen: Text
-    rejected: Text
+class PreferencePair(Pair):
     source: str
     """Where the record came from, as `file:line`, for error messages."""
-
-    @property
-    def is_chat(self) -> bool:
-        return isinstance(self.prompt, list)
 
 
 @dataclass
@@ -110,31 +103,6 @@ def _as_object(value: object) -> dict:
         kind = {list: "a list", str: "a string"}.get(type(value), type(value).__name__)
         raise RecordProblem("not an object", None, f"expected a JSON object, got {kind}", "one record per line")
     return value
-
-
-def iter_pairs(paths: list[str], options: ReadOptions, result: ReadResult) -> Iterator[PreferencePair]:
-    """The pairs of all files, in order."""
-    for path in paths:
-        yield from iter_file_pairs(Path(path), options, result)
-
-
-def read_pairs(paths: list[str], options: ReadOptions | None = None) -> list[PreferencePair]:
-    """All pairs of all files as a list, for small data; an empty result is an error, since there is nothing to
-    learn from. Large data goes through `tokenization.load_tokenized_split`, which streams."""
-    if not paths:
-        raise UserError("no training data: pass --data FILE.jsonl or set data.train in the recipe")
-    result = ReadResult()
-    pairs = list(iter_pairs(paths, options or ReadOptions(), result))
-    check_some_pairs(result, "")
-    return pairs
-
-
-def check_some_pairs(result: ReadResult, name: str) -> None:
-    if sum(report.pairs for report in result.files) == 0:
-        label = f"{name} data: " if name else ""
-        files = ", ".join(report.path for report in result.files)
-        skipped = f"; all {len(result.invalid)} records were invalid" if result.invalid else ""
-        raise UserError(f"{label}no preference pairs in {files}{skipped}")
 
 
 # Reporting what was set aside ---------------------------------------------------------------------------------------
