@@ -91,6 +91,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(lines))
 
 
+def _skipped_records_dir(options: EvalOptions) -> Path:
+    """Under --on-invalid skip, skipped-eval.jsonl goes beside eval's first output file, else the current folder."""
+    for path in (options.output, options.per_example, options.samples):
+        if path is not None:
+            return Path(path).parent
+    return Path.cwd()
+
+
 def run_eval(options: EvalOptions, console: Console) -> dict:
     """Evaluate, print the table, write the requested files; returns what `--output` holds."""
     options.check()
@@ -102,7 +110,9 @@ def run_eval(options: EvalOptions, console: Console) -> dict:
     # Data before the model: a bad line should not wait for a large base to load.
     paths = [str(p) for p in options.data]
     reading = dataclasses.replace(recipe.data, train=[], eval=paths, eval_split=0.0, **options.reading)
-    pairs, _ = load_tokenized_split(tokenizer, paths, max_length, "eval", console, reading, with_sources=True)
+    pairs, _ = load_tokenized_split(
+        tokenizer, paths, max_length, "eval", console, reading, _skipped_records_dir(options), with_sources=True
+    )
     model = load_policy(adapter)
 
     per_pair: list[dict] | None = [] if options.per_example is not None else None

@@ -189,3 +189,17 @@ def test_jsonl_outputs_keep_one_record_per_line_for_any_reader(tmp_path):
     write_jsonl(tmp_path / "samples.jsonl", rows)
     assert read_jsonl(tmp_path / "samples.jsonl") == rows
     assert "é 中" in (tmp_path / "samples.jsonl").read_text(encoding="utf-8")  # readable, not \u-escaped
+
+
+def test_eval_on_invalid_skip_writes_the_skipped_records_beside_its_output(tiny_adapter, tiny_demo, tmp_path, capsys):
+    data = tmp_path / "mixed.jsonl"
+    good = tiny_demo["test"].read_text(encoding="utf-8").splitlines()[:5]
+    data.write_text("\n".join([*good[:2], '{"prompt": "p", "chosen": "same", "rejected": "same"}', *good[2:]]) + "\n")
+    output = tmp_path / "out" / "eval.json"
+    code, _, stderr = run_cli_inprocess(
+        capsys, "eval", "--adapter", tiny_adapter, "--data", data, "--output", output, "--on-invalid", "skip"
+    )
+    assert code == 0, stderr
+    assert json.loads(output.read_text())["metrics"]["num_pairs"] == 5
+    skipped = read_jsonl(tmp_path / "out" / "skipped-eval.jsonl")
+    assert len(skipped) == 1 and skipped[0]["source"].endswith("mixed.jsonl:3")
