@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from dpo_cli.errors import UserError
+from dpo_cli.files import read_user_text, write_text_atomic
 
 RECIPE_FILENAME = "recipe.yaml"
 
@@ -267,8 +268,6 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        from dpo_cli.files import write_text_atomic
-
         header = "# The fully resolved recipe of this run: `dpo-cli train THIS_FILE` repeats it.\n"
         write_text_atomic(path, header + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -351,12 +350,7 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
 
 def read_recipe_file(path: Path) -> dict[str, Any]:
     """The raw mapping of a YAML recipe, with one-line errors for unreadable or malformed files."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: recipe file not found; check the path") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read the recipe ({error.__class__.__name__}); pass a YAML file") from None
+    text = read_user_text(path, "recipe file", "pass a YAML recipe file")
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from dpo_cli.errors import UserError
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
@@ -72,3 +74,13 @@ def move_files_into(source: Path, target: Path) -> None:
     for item in sorted(Path(source).iterdir()):
         os.replace(item, target / item.name)
     Path(source).rmdir()
+
+
+def read_user_text(path: Path | str, what: str, hint: str) -> str:
+    """The UTF-8 text of a file the user named, or one line saying why it cannot be read and what to pass."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found; {hint}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read the {what} ({error.__class__.__name__}); {hint}") from None

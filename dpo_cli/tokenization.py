@@ -39,7 +39,7 @@ from dpo_cli.data import (
 )
 from dpo_cli.data_cache import cache_root, prepared_key, tokenizer_fingerprint
 from dpo_cli.errors import UserError
-from dpo_cli.files import atomic_directory
+from dpo_cli.files import atomic_directory, read_user_text
 from dpo_cli.formats import Text, parse_columns
 from dpo_cli.readers import check_readable
 
@@ -169,12 +169,7 @@ def tokenize_pairs(
 
 def use_chat_template(tokenizer, path: str) -> None:
     """Give the tokenizer the Jinja template in `path`; it is then saved with the adapter's tokenizer too."""
-    try:
-        template = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: chat template file not found; pass a Jinja template with --chat-template") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read the chat template ({error.__class__.__name__})") from None
+    template = read_user_text(path, "chat template file", "pass a Jinja template with --chat-template")
     tokenizer.chat_template = template
     try:
         chat_ids(tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
