@@ -168,6 +168,8 @@ class Trainer:
             self.state.total_steps = self.total_steps
             self.metrics_log.truncate_after(self.state.step)
             self.console.print(f"resuming from {self.resume_from} (step {self.state.step})")
+        elif resume:  # a run that died before its first checkpoint: its metric lines would repeat steps
+            self.metrics_log.truncate_after(0)
         n_params = sum(p.numel() for p in params)
         self.console.print(
             f"trainable LoRA parameters: {n_params:,}; {self.total_steps} optimizer steps on {self.device}"
