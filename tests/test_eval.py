@@ -10,7 +10,7 @@ import torch
 
 from dpo_cli.tiny import happy_score
 from tests.conftest import run_cli_inprocess
-from tests.trl_oracle import load_records
+from tests.trl_oracle import cpu_dpo_config, load_records
 
 METRICS = (
     "loss",
@@ -40,22 +40,14 @@ def run_eval(capsys, adapter: Path, data: Path, *flags) -> tuple[dict, str]:
 def trl_evaluate(adapter_dir: Path, data: Path, batch_size: int, output_dir: Path) -> dict[str, float]:
     """TRL 1.16's DPOTrainer.evaluate on the base loaded as eval loads it, the same adapter, reference = the base."""
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from dpo_cli.trained_adapter import load_base_tokenizer, load_policy, open_adapter
 
     adapter = open_adapter(adapter_dir)
     dataset = Dataset.from_list(load_records(data, limit=100_000))
-    args = DPOConfig(
-        output_dir=str(output_dir),
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        beta=adapter.recipe.dpo.beta,
-        max_length=adapter.recipe.data.max_length,
+    args = cpu_dpo_config(
+        output_dir, batch_size, beta=adapter.recipe.dpo.beta, max_length=adapter.recipe.data.max_length
     )
     trainer = DPOTrainer(
         model=load_policy(adapter), args=args, train_dataset=dataset, processing_class=load_base_tokenizer(adapter)

@@ -18,24 +18,31 @@ def load_records(path: Path, limit: int) -> list[dict]:
         return [json.loads(line) for line, _ in zip(handle, range(limit), strict=False)]
 
 
-def make_trl_trainer(model, tokenizer, records: list[dict], output_dir: Path, lora_seed: int = 0, **config):
-    """A DPOTrainer over `records` whose policy is `model` + a seeded random LoRA adapter."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+def cpu_dpo_config(output_dir: Path, batch_size: int, **config):
+    """TRL's DPOConfig for comparing with us on CPU: float32, no checkpointing, no loggers, one batch size."""
+    from trl import DPOConfig
 
-    from dpo_cli.config import LoraSection
-    from dpo_cli.model import lora_config
-
-    args = DPOConfig(
+    return DPOConfig(
         output_dir=str(output_dir),
         report_to=[],
         use_cpu=True,
         bf16=False,
         gradient_checkpointing=False,
-        per_device_train_batch_size=len(records),
-        per_device_eval_batch_size=len(records),
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
         **config,
     )
+
+
+def make_trl_trainer(model, tokenizer, records: list[dict], output_dir: Path, lora_seed: int = 0, **config):
+    """A DPOTrainer over `records` whose policy is `model` + a seeded random LoRA adapter."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from dpo_cli.config import LoraSection
+    from dpo_cli.model import lora_config
+
+    args = cpu_dpo_config(output_dir, len(records), **config)
     trainer = DPOTrainer(
         model=model,
         args=args,
