@@ -24,6 +24,7 @@ FORMAT_HELP = "Data format: auto, explicit, hh-rlhf, conversational, openai, sha
 COLUMNS_HELP = "Map names: prompt=question,chosen=response_j,rejected=response_k."
 ON_INVALID_HELP = "error: stop at the first bad record; skip: set bad records aside, count and write them."
 CHAT_TEMPLATE_HELP = "Jinja chat template file for conversational data when the tokenizer has none."
+TRUST_HELP = "Run the model's own Python code (auto_map) if it has any; only this flag allows it, never a recipe."
 data_app = typer.Typer(help="Look at preference data before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -86,6 +87,7 @@ def train(
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Train LoRA on a bf16/fp32 base instead of 4-bit."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output-dir."),
     set_: list[str] | None = typer.Option(None, "--set", help="Any recipe key: --set section.key=value (repeatable)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
     """Fine-tune a causal LM with DPO; writes a PEFT adapter folder, the resolved recipe and metrics.jsonl."""
     from dpo_cli.config import load_recipe, parse_set_option
@@ -116,7 +118,7 @@ def train(
         section, key, value = parse_set_option(option)
         overrides.setdefault(section, {})[key] = value
     resolved = load_recipe(recipe, overrides)
-    result = run_training(resolved, resume=resume, console=console)
+    result = run_training(resolved, resume=resume, console=console, trust_remote_code=trust_remote_code)
     last = result.records[-1] if result.records else {}
     summary = f"done: {result.steps} steps, adapter in {result.output_dir}"
     if last:
@@ -133,6 +135,7 @@ def data_check(
     columns: str | None = typer.Option(None, "--columns", help=COLUMNS_HELP),
     chat_template: Path | None = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
     """Formats, counts, invalid records per reason, token lengths, duplicates; exits 1 when a record is invalid."""
     import json
@@ -143,7 +146,7 @@ def data_check(
     flags = {"max_length": max_length, "format": data_format, "columns": columns, "chat_template": chat_template}
     data = DataSection(**{key: str(v) if isinstance(v, Path) else v for key, v in flags.items() if v is not None})
     progress = Console(stderr=True, quiet=as_json)  # progress lines never mix into the JSON on stdout
-    report = check_files([str(f) for f in files], data, model, progress)
+    report = check_files([str(f) for f in files], data, model, progress, trust_remote_code)
     if as_json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -169,6 +172,7 @@ def eval_(
     columns: str | None = typer.Option(None, "--columns", help=COLUMNS_HELP),
     on_invalid: str | None = typer.Option(None, "--on-invalid", help=ON_INVALID_HELP),
     chat_template: Path | None = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
     """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base), TRL's metrics."""
     from dpo_cli.eval_adapter import EvalOptions, run_eval
@@ -187,6 +191,7 @@ def eval_(
         samples=samples,
         seed=seed,
         reading={key: str(value) for key, value in reading.items() if value is not None},
+        trust_remote_code=trust_remote_code,
     )
     run_eval(options, console)
 
@@ -200,14 +205,15 @@ def merge_adapter(
     base_weights: str = typer.Option(
         "nf4", "--base-weights", help="nf4: the dequantized 4-bit weights the adapter was trained on; original."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace --output if it is not empty."),
+    force: bool = typer.Option(False, "--force", help="Replace --output if it holds an earlier merge-adapter output."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
     """Fold the adapter into its base: a plain Transformers model, loadable without PEFT or bitsandbytes."""
     from dpo_cli.merge import MergeOptions
     from dpo_cli.merge import merge_adapter as run_merge
 
-    options = MergeOptions(adapter, output, model, dtype, base_weights, force, max_shard_size)
+    options = MergeOptions(adapter, output, model, dtype, base_weights, force, max_shard_size, trust_remote_code)
     run_merge(options, console)
 
 

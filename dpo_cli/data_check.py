@@ -25,15 +25,20 @@ FIRST_PLACES = 3
 TOKEN_FIELDS = ("prompt", "chosen", "rejected")
 
 
-def check_files(paths: list[str], data: DataSection, model: str | None, console: Console) -> dict:
-    """The report of `paths` read with `data`'s settings; every problem is counted, none stops the check."""
+def check_files(
+    paths: list[str], data: DataSection, model: str | None, console: Console, trust_remote_code: bool = False
+) -> dict:
+    """The report of `paths` read with `data`'s settings; every problem is counted, none stops the check.
+
+    `trust_remote_code` (from --trust-remote-code) lets the model's tokenizer run its own code.
+    """
     data = dataclasses.replace(data, train=list(paths), on_invalid="skip")
     if model is None:
         return _check_without_tokenizer(paths, data, console)
     from dpo_cli.model import load_tokenizer
     from dpo_cli.tokenization import prepare_split
 
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, trust_remote_code)
     prepared = prepare_split(tokenizer, list(paths), data, "checked", console)
     columns = prepared.tokenized.select_columns(
         ["file_index", "pair_hash", "prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated", "problem"]

@@ -31,11 +31,20 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+IGNORED_RECIPE_TRUST = (
+    "recipe key model.trust_remote_code is ignored: a model's own code runs only with --trust-remote-code on the "
+    "command line"
+)
+
+
 def _check_model_path(path: str, marker: str = "config.json") -> None:
     """Fail early, in one line, on a local path that is not what we need (hub ids pass through)."""
     if not path:
         raise UserError("no base model: pass --model PATH_OR_ID or set model.path in the recipe")
     local = Path(path)
+    for parent in local.parents:
+        if parent.is_file():
+            raise UserError(f"{path}: not a model folder ({parent} is a file); pass a Hugging Face model folder or id")
     looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not (local / marker).is_file():
         raise UserError(f"{path}: not a model folder (no {marker}); pass a Hugging Face model folder or id")
@@ -59,6 +68,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise UserError(f"{path}: cannot load the tokenizer ({_first_line(error)})") from None
+    except ValueError as error:
+        raise _remote_code_refused(path, error) from None
     if tokenizer.eos_token is None:
         raise UserError(f"{path}: the tokenizer has no EOS token, which DPO appends to every completion")
     if tokenizer.pad_token is None:  # padding is masked out; any id will do, and EOS is what TRL uses
@@ -66,19 +77,32 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def _remote_code_refused(path: str, error: ValueError) -> Exception:
+    """Transformers' refusal to run a model's own code, as one line; any other ValueError stays a bug."""
+    if "trust_remote_code" not in str(error):
+        return error
+    return UserError(
+        f"{path}: this model needs its own Python code (auto_map in its config) to load; read that code and pass "
+        "--trust-remote-code if you trust it, or use a model that Transformers supports natively"
+    )
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else error.__class__.__name__
 
 
-def load_base_model(config: ModelSection, device: torch.device):
-    """The frozen base: NF4 4-bit with double quantization, or plain weights in the compute dtype."""
+def load_base_model(config: ModelSection, device: torch.device, trust_remote_code: bool = False):
+    """The frozen base: NF4 4-bit with double quantization, or plain weights in the compute dtype.
+
+    `trust_remote_code` comes from the command line; `config.trust_remote_code` (a recipe key) is never read.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     _quiet_transformers()
     _check_model_path(config.path)
     dtype = resolve_compute_dtype(config.compute_dtype, device)
-    kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if config.quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -91,6 +115,8 @@ def load_base_model(config: ModelSection, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(config.path, **kwargs)
     except OSError as error:
         raise UserError(f"{config.path}: cannot load the model ({_first_line(error)})") from None
+    except ValueError as error:
+        raise _remote_code_refused(config.path, error) from None
     if not config.quantize:
         model.to(device)
     _disable_bnb_cpu_repacking(model)
@@ -177,7 +203,19 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 def read_adapter_base(adapter_dir: Path) -> str:
     """The base model an adapter folder was trained on, as PEFT recorded it."""
+    return read_adapter_config(adapter_dir).get("base_model_name_or_path") or ""
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json as a mapping, or one line saying why it is not one PEFT could read."""
     config_path = Path(adapter_dir) / "adapter_config.json"
     if not config_path.is_file():
         raise UserError(f"{adapter_dir}: not an adapter folder (no adapter_config.json); pass a dpo-cli train output")
-    return json.loads(config_path.read_text()).get("base_model_name_or_path") or ""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        why = _first_line(error)
+        raise UserError(f"{config_path}: not valid JSON ({why}); the adapter folder is damaged") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: not a JSON object; the adapter folder is damaged")
+    return config

@@ -25,8 +25,16 @@ from dpo_cli.errors import UserError
 from dpo_cli.evaluate import evaluate_pairs
 from dpo_cli.files import move_files_into, write_text_atomic
 from dpo_cli.metrics import MetricsLog, PairMetrics, is_finite
-from dpo_cli.model import add_lora, load_base_model, load_tokenizer, resolve_device, trainable_parameters
+from dpo_cli.model import (
+    IGNORED_RECIPE_TRUST,
+    add_lora,
+    load_base_model,
+    load_tokenizer,
+    resolve_device,
+    trainable_parameters,
+)
 from dpo_cli.objective import score_batch
+from dpo_cli.output_folder import check_folder_is_ours, check_placeable, claimed_folder, honour_umask, is_within
 from dpo_cli.reference import precompute_reference_logps, with_reference
 from dpo_cli.tokenization import load_tokenized_split
 
@@ -91,10 +99,26 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_output_dir(recipe: Recipe) -> Path:
+    """The output folder, if the run may write there: named, placeable, not an input's, empty or an earlier run."""
+    if not recipe.training.output_dir.strip():  # Path("") would be ".", the current folder
+        raise UserError("no output folder: pass --output-dir DIR or set training.output_dir in the recipe")
+    output_dir = Path(recipe.training.output_dir)
+    check_placeable(output_dir, "--output-dir")
+    model = Path(recipe.model.path)
+    if recipe.model.path and model.is_dir() and (is_within(output_dir, model) or is_within(model, output_dir)):
+        raise UserError(
+            f"--output-dir {output_dir}: is or holds the base model's folder {model}; pick a folder of its own"
+        )
+    for path in (*recipe.data.train, *recipe.data.eval, recipe.data.chat_template):
+        if path and is_within(path, output_dir):
+            raise UserError(f"--output-dir {output_dir}: holds the input file {path}; pick a folder of its own")
+    check_folder_is_ours(output_dir, "train", "--output-dir", " or an earlier train run's; pick another --output-dir")
+    return output_dir
+
+
 def _prepare_output_dir(output_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from, if any; refuses to overwrite a finished or running earlier run."""
-    if not str(output_dir):
-        raise UserError("no output folder: pass --output-dir DIR or set training.output_dir in the recipe")
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a folder; pick another --output-dir")
     checkpoint = latest_checkpoint(output_dir)
@@ -120,17 +144,22 @@ def _progress(console: Console) -> Progress:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, console: Console | None = None, resume: bool = False):
+    def __init__(
+        self, recipe: Recipe, console: Console | None = None, resume: bool = False, trust_remote_code: bool = False
+    ):
         check_single_process()
         self.recipe = recipe
         self.console = console or Console()
+        if recipe.model.trust_remote_code and not trust_remote_code:
+            self.console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")
+        recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted
         self.output_dir = Path(recipe.training.output_dir)
         self.resume_from = _prepare_output_dir(self.output_dir, resume)
         if resume and self.resume_from is None:
             self.console.print(f"no checkpoint in {self.output_dir}; starting from the beginning")
         _set_seed(recipe.training.seed)
         self.device = resolve_device(recipe.model.device)
-        self.tokenizer = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(recipe.model.path, trust_remote_code)
         max_length = recipe.data.max_length
         self.train_pairs, self.train_summary = load_tokenized_split(
             self.tokenizer, recipe.data.train, max_length, "train", self.console, recipe.data, self.output_dir
@@ -140,7 +169,7 @@ class Trainer:
             self.eval_pairs, _ = load_tokenized_split(
                 self.tokenizer, recipe.data.eval, max_length, "eval", self.console, recipe.data, self.output_dir
             )
-        base = load_base_model(recipe.model, self.device)
+        base = load_base_model(recipe.model, self.device, trust_remote_code)
         self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
         self.model.train()
         self.train_ref_logps = None  # (num_pairs, 2) with dpo.precompute_ref: the steps then skip the reference pass
@@ -299,6 +328,7 @@ class Trainer:
         staging.mkdir(exist_ok=True)
         self.model.save_pretrained(staging)
         self.tokenizer.save_pretrained(staging)
+        honour_umask(staging)
         move_files_into(staging, self.output_dir)
         write_text_atomic(
             self.output_dir / "train_summary.txt",
@@ -309,5 +339,14 @@ class Trainer:
         )
 
 
-def train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> TrainResult:
-    return Trainer(recipe, console=console, resume=resume).run()
+def train(
+    recipe: Recipe, resume: bool = False, console: Console | None = None, trust_remote_code: bool = False
+) -> TrainResult:
+    """Run `recipe` while holding its output folder: a second run into the same folder refuses until this one ends.
+
+    Remote code runs only with `trust_remote_code`, given by the caller (the command line); the recipe's
+    model.trust_remote_code never grants it.
+    """
+    output_dir = check_output_dir(recipe)
+    with claimed_folder(output_dir, "train", "--output-dir"):
+        return Trainer(recipe, console=console, resume=resume, trust_remote_code=trust_remote_code).run()
