@@ -23,6 +23,7 @@ from dpo_cli.errors import UserError
 from dpo_cli.evaluate import evaluate_pairs
 from dpo_cli.files import write_text_atomic
 from dpo_cli.generate import distinct_prompts, sample_side_by_side
+from dpo_cli.output_folder import check_placeable, is_replaceable_output, is_within
 from dpo_cli.tokenization import load_tokenized_split
 from dpo_cli.trained_adapter import load_base_tokenizer, load_policy, open_adapter
 
@@ -45,6 +46,13 @@ class EvalOptions:
     seed: int = 0
     reading: dict[str, str] = dataclasses.field(default_factory=dict)
     """Data reading settings (format, columns, on_invalid, chat_template) over the training run's."""
+    trust_remote_code: bool = False
+    """From --trust-remote-code on this command line; the adapter's recipe never grants it."""
+
+    def outputs(self) -> list[tuple[str, Path]]:
+        """(flag, path) of each file this evaluation will write."""
+        named = (("--output", self.output), ("--per-example", self.per_example), ("--samples", self.samples))
+        return [(flag, Path(path)) for flag, path in named if path is not None]
 
     def check(self) -> None:
         if not self.data:
@@ -58,9 +66,34 @@ class EvalOptions:
             raise UserError(f"--max-new-tokens {self.max_new_tokens}: must be positive")
         if self.generate and self.samples is None:
             raise UserError("--generate needs --samples FILE.jsonl: the file the side-by-side samples are written to")
-        for flag, path in (("--output", self.output), ("--per-example", self.per_example), ("--samples", self.samples)):
-            if path is not None and Path(path).is_dir():
+        self.check_outputs()
+
+    def check_outputs(self) -> None:
+        """Each output file can be written and replaces nothing but an earlier output of its kind; no two coincide."""
+        inputs = [*self.data, self.reading.get("chat_template", "")]
+        seen: dict[Path, str] = {}
+        for flag, path in self.outputs():
+            if path.is_dir():
                 raise UserError(f"{flag} {path}: is a folder; pass a file path")
+            check_placeable(path, flag)
+            if path.resolve() in seen:
+                raise UserError(f"{flag} {path}: is also {seen[path.resolve()]}; give each output its own file")
+            seen[path.resolve()] = flag
+            if any(source and is_within(path, source) for source in inputs):
+                raise UserError(f"{flag} {path}: is an input file of this evaluation; pick another path")
+            if not is_replaceable_output(path, flag):
+                raise UserError(
+                    f"{flag} {path}: exists and is not an earlier `dpo-cli eval {flag}` file; dpo-cli replaces only "
+                    "its own outputs, pick another path"
+                )
+
+    def check_outputs_outside(self, folder: Path | str, what: str) -> None:
+        """No output lands in the adapter's or the base model's folder."""
+        if not folder or not Path(folder).is_dir():
+            return
+        for flag, path in self.outputs():
+            if is_within(path, folder):
+                raise UserError(f"{flag} {path}: is inside {what} {folder}; pick a path outside it")
 
 
 @contextmanager
@@ -91,28 +124,57 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(lines))
 
 
-def _skipped_records_dir(options: EvalOptions) -> Path:
-    """Under --on-invalid skip, skipped-eval.jsonl goes beside eval's first output file, else the current folder."""
-    for path in (options.output, options.per_example, options.samples):
-        if path is not None:
-            return Path(path).parent
-    return Path.cwd()
+SKIPPED_FILE = "skipped-eval.jsonl"
+_PLACES_SHOWN = 20
+
+
+def skipped_records_dir(options: EvalOptions) -> Path | None:
+    """Under --on-invalid skip, skipped-eval.jsonl goes beside eval's first output file; with none, nowhere."""
+    outputs = options.outputs()
+    return outputs[0][1].parent if outputs else None
+
+
+def _check_skipped_file(options: EvalOptions, folder: Path | None) -> None:
+    if folder is not None and not is_replaceable_output(folder / SKIPPED_FILE, "skipped"):
+        raise UserError(
+            f"{folder / SKIPPED_FILE}: exists and is not an earlier dpo-cli skipped-records file; --on-invalid skip "
+            "would replace it, so write the outputs to another folder"
+        )
+
+
+def _print_skipped_places(summary, console: Console) -> None:
+    """With no output file there is no place to write skipped records: say where each one is instead."""
+    places = [f"{record.source} ({record.reason})" for record in summary.skipped]
+    more = f", and {len(places) - _PLACES_SHOWN:,} more" if len(places) > _PLACES_SHOWN else ""
+    console.print(
+        f"skipped records, not written anywhere (pass --output or --per-example to get {SKIPPED_FILE} beside it): "
+        + ", ".join(places[:_PLACES_SHOWN])
+        + more,
+        style="yellow",
+        markup=False,
+    )
 
 
 def run_eval(options: EvalOptions, console: Console) -> dict:
     """Evaluate, print the table, write the requested files; returns what `--output` holds."""
     options.check()
-    adapter = open_adapter(options.adapter, options.model, console)
+    adapter = open_adapter(options.adapter, options.model, console, options.trust_remote_code)
+    options.check_outputs_outside(adapter.path, "the adapter folder")
+    options.check_outputs_outside(adapter.base_path, "the base model's folder")
     recipe = adapter.recipe
     batch_size = options.batch_size or recipe.training.eval_batch_size
     max_length = options.max_length or recipe.data.max_length
-    tokenizer = load_base_tokenizer(adapter)
-    # Data before the model: a bad line should not wait for a large base to load.
     paths = [str(p) for p in options.data]
     reading = dataclasses.replace(recipe.data, train=[], eval=paths, eval_split=0.0, **options.reading)
-    pairs, _ = load_tokenized_split(
-        tokenizer, paths, max_length, "eval", console, reading, _skipped_records_dir(options), with_sources=True
+    skipped_dir = skipped_records_dir(options) if reading.on_invalid == "skip" else None
+    _check_skipped_file(options, skipped_dir)
+    tokenizer = load_base_tokenizer(adapter)
+    # Data before the model: a bad line should not wait for a large base to load.
+    pairs, summary = load_tokenized_split(
+        tokenizer, paths, max_length, "eval", console, reading, skipped_dir, with_sources=True
     )
+    if summary.skipped and skipped_dir is None:
+        _print_skipped_places(summary, console)
     model = load_policy(adapter)
 
     per_pair: list[dict] | None = [] if options.per_example is not None else None

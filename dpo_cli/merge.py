@@ -14,7 +14,8 @@ name, checked (its logits against the 4-bit base + adapter), and only then renam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +23,15 @@ from rich.console import Console
 
 from dpo_cli.errors import UserError
 from dpo_cli.files import atomic_directory
+from dpo_cli.output_folder import (
+    check_folder_is_ours,
+    check_placeable,
+    claimed_folder,
+    honour_umask,
+    is_within,
+    mark_folder,
+    user_entries,
+)
 from dpo_cli.trained_adapter import ADAPTER_NAME, TrainedAdapter, load_base_tokenizer, load_policy, open_adapter
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -40,13 +50,17 @@ class MergeOptions:
     base_weights: str = "nf4"
     force: bool = False
     max_shard_size: str = "5GB"
+    trust_remote_code: bool = False
+    """From --trust-remote-code on this command line; the adapter's recipe never grants it."""
+    shard_bytes: int = field(default=0, init=False)
+    """max_shard_size in bytes, set by check()."""
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype}: not one of {', '.join(DTYPES)}")
         if self.base_weights not in BASE_WEIGHTS:
             raise UserError(f"--base-weights {self.base_weights}: not one of {', '.join(BASE_WEIGHTS)}")
-        check_output_dir(Path(self.output), Path(self.adapter), self.force)
+        self.shard_bytes = parse_shard_size(self.max_shard_size)
 
 
 @dataclass
@@ -60,13 +74,32 @@ class MergeResult:
     """Merged model (as written) against the 4-bit base + adapter, on the probe batch."""
 
 
-def check_output_dir(output: Path, adapter_dir: Path, force: bool) -> None:
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_shard_size(text: str) -> int:
+    """ "5GB" -> 5_000_000_000 (the units Hugging Face's sharding reads); checked before any model loads."""
+    match = _SIZE.match(text)
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2) and match.group(2).upper()]) if match else 0
+    if size <= 0:
+        raise UserError(f"--max-shard-size {text}: not a size; use a number and a unit, e.g. 5GB, 500MB or 100KB")
+    return size
+
+
+def check_output_dir(output: Path, adapter_dir: Path, base_path: str, force: bool) -> None:
+    """--output may be new, empty, or (with --force) an earlier merge-adapter output; never an input's folder."""
+    check_placeable(output, "--output")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output}: exists and is not a folder; pick another path")
-    resolved, adapter = output.resolve(), adapter_dir.resolve()
-    if resolved == adapter or resolved in adapter.parents:
+    if is_within(output, adapter_dir) or is_within(adapter_dir, output):
         raise UserError(f"--output {output}: would replace the adapter folder {adapter_dir}; pick another folder")
-    if output.is_dir() and any(output.iterdir()) and not force:
+    base = Path(base_path)
+    if base_path and base.is_dir() and (is_within(output, base) or is_within(base, output)):
+        raise UserError(f"--output {output}: would replace the base model's folder {base_path}; pick another folder")
+    replace_hint = " or replaces (with --force) an earlier merge-adapter output; pick another folder"
+    check_folder_is_ours(output, "merge", "--output", replace_hint)
+    if output.is_dir() and user_entries(output) and not force:
         raise UserError(f"--output {output}: folder is not empty; pass --force to replace it, or pick another folder")
 
 
@@ -128,7 +161,7 @@ def load_plain_base(adapter: TrainedAdapter):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        adapter.base_path, dtype="auto", trust_remote_code=adapter.recipe.model.trust_remote_code
+        adapter.base_path, dtype="auto", trust_remote_code=adapter.trust_remote_code
     )
 
 
@@ -153,22 +186,12 @@ def merged_logit_diff(folder: Path, dtype: str, policy_logits: torch.Tensor, inp
 
 def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
     options.check()
-    adapter = open_adapter(options.adapter, options.model, console)
+    adapter = open_adapter(options.adapter, options.model, console, options.trust_remote_code)
+    check_output_dir(Path(options.output), adapter.path, adapter.base_path, options.force)
     if options.base_weights == "nf4" and not adapter.recipe.model.quantize:
         console.print("the adapter was trained on an unquantized base: merging into its original weights")
-    tokenizer = load_base_tokenizer(adapter)
-    policy = load_policy(adapter)
-    check_plain_lora(policy, adapter.path)
-    input_ids = probe_ids(policy.config.vocab_size)
-    policy_logits = logits_on(policy, input_ids)
-    plain = load_plain_base(adapter)
-    merged, dequantized_count = fold_adapter(policy, plain, options.base_weights)
-    plain.to(getattr(torch, options.dtype))
-    with atomic_directory(Path(options.output), replace=True) as staging:
-        plain.save_pretrained(staging, max_shard_size=options.max_shard_size)
-        tokenizer.save_pretrained(staging)
-        del plain  # the check reads the files back; keep one copy of the weights in memory
-        diff = merged_logit_diff(staging, options.dtype, policy_logits, input_ids)
+    with claimed_folder(Path(options.output), "merge", "--output"):  # a second merge into it refuses meanwhile
+        diff, merged, dequantized_count = _merge_into(adapter, options)
     console.print(
         f"merged the adapter into {merged} weights ({dequantized_count} NF4 weights dequantized), "
         f"{options.dtype}, written to {options.output}"
@@ -178,3 +201,23 @@ def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
     if options.base_weights == "original" and adapter.recipe.model.quantize:
         console.print("(with --base-weights original this includes NF4's rounding of the base, by design)")
     return MergeResult(Path(options.output), merged, dequantized_count, diff)
+
+
+def _merge_into(adapter: TrainedAdapter, options: MergeOptions) -> tuple[float, int, int]:
+    """Load, fold, write under a temporary name, check, rename over --output; (logit diff, merged, dequantized)."""
+    tokenizer = load_base_tokenizer(adapter)
+    policy = load_policy(adapter)
+    check_plain_lora(policy, adapter.path)
+    input_ids = probe_ids(policy.config.vocab_size)
+    policy_logits = logits_on(policy, input_ids)
+    plain = load_plain_base(adapter)
+    merged, dequantized_count = fold_adapter(policy, plain, options.base_weights)
+    plain.to(getattr(torch, options.dtype))
+    with atomic_directory(Path(options.output), replace=True) as staging:
+        plain.save_pretrained(staging, max_shard_size=options.shard_bytes)
+        tokenizer.save_pretrained(staging)
+        mark_folder(staging, "merge")
+        honour_umask(staging)
+        del plain  # the check reads the files back; keep one copy of the weights in memory
+        diff = merged_logit_diff(staging, options.dtype, policy_logits, input_ids)
+    return diff, merged, dequantized_count

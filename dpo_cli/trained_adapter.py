@@ -8,6 +8,7 @@ size-mismatch traceback, or quietly give fresh (zero) LoRA layers to modules the
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,16 @@ from rich.console import Console
 
 from dpo_cli.config import RECIPE_FILENAME, Recipe, merge_overrides, read_recipe_file, recipe_from_dict
 from dpo_cli.errors import UserError
-from dpo_cli.model import load_adapter, load_base_model, load_tokenizer, read_adapter_base, resolve_device
+from dpo_cli.model import (
+    IGNORED_RECIPE_TRUST,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    read_adapter_base,
+    read_adapter_config,
+    resolve_device,
+)
+from dpo_cli.output_folder import file_above
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "default"  # the name PEFT gives the one adapter of a folder it loads
@@ -27,22 +37,34 @@ class TrainedAdapter:
     path: Path
     recipe: Recipe
     """The training run's recipe, with model.path replaced by --model when given."""
+    trust_remote_code: bool = False
+    """Granted by --trust-remote-code on this command line only; the recipe's key is ignored."""
 
     @property
     def base_path(self) -> str:
         return self.recipe.model.path
 
 
-def open_adapter(adapter_dir: Path, model_path: str | None = None, console: Console | None = None) -> TrainedAdapter:
-    """The adapter folder and the recipe it was trained with; a folder without recipe.yaml gets the defaults."""
+def open_adapter(
+    adapter_dir: Path, model_path: str | None = None, console: Console | None = None, trust_remote_code: bool = False
+) -> TrainedAdapter:
+    """The adapter folder and the recipe it was trained with; a folder without recipe.yaml gets the defaults.
+
+    Both files are checked here, before any model loads: a damaged adapter costs milliseconds, not a model load.
+    """
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
-        raise UserError(f"{adapter_dir}: adapter folder not found; pass the --output-dir of a `dpo-cli train` run")
+        blocker = file_above(adapter_dir)
+        why = "not found" if blocker is None else f"not found ({blocker} is a file)"
+        raise UserError(f"{adapter_dir}: adapter folder {why}; pass the --output-dir of a `dpo-cli train` run")
     peft_base = read_adapter_base(adapter_dir)
+    check_adapter_config(adapter_dir)
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise UserError(
             f"{adapter_dir}: no {ADAPTER_WEIGHTS}; the training run did not finish, or this is not its output"
         )
+    if not adapter_shapes(adapter_dir):
+        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: holds no LoRA weights; the adapter folder is damaged")
     recipe_path = adapter_dir / RECIPE_FILENAME
     if recipe_path.is_file():
         values = read_recipe_file(recipe_path)
@@ -55,21 +77,43 @@ def open_adapter(adapter_dir: Path, model_path: str | None = None, console: Cons
             )
     base = model_path or (values.get("model") or {}).get("path") or peft_base
     recipe = recipe_from_dict(merge_overrides(values, {"model": {"path": base}}))
-    return TrainedAdapter(adapter_dir, recipe)
+    if recipe.model.trust_remote_code and not trust_remote_code and console is not None:
+        console.print(f"[yellow]{adapter_dir / RECIPE_FILENAME}: {IGNORED_RECIPE_TRUST}[/yellow]")
+    return TrainedAdapter(adapter_dir, recipe, trust_remote_code)
+
+
+def check_adapter_config(adapter_dir: Path) -> None:
+    """The keys PEFT needs to rebuild a LoRA adapter are there and sane; anything else is a damaged file."""
+    config = read_adapter_config(adapter_dir)
+    where = f"{Path(adapter_dir) / 'adapter_config.json'}"
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{where}: peft_type is {config.get('peft_type')!r}, not 'LORA'; this is not a LoRA adapter")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise UserError(f"{where}: key r is {rank!r}, not a positive integer; the adapter folder is damaged")
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha <= 0:
+        raise UserError(f"{where}: key lora_alpha is {alpha!r}, not a positive number; the adapter folder is damaged")
+    targets = config.get("target_modules")
+    if not targets or not isinstance(targets, (str, list)):
+        raise UserError(f"{where}: key target_modules is {targets!r}; the adapter folder is damaged")
 
 
 def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
     """{module name: (in_features, out_features)} of every LoRA pair in the adapter file, read from its header."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
     shapes: dict[str, list[int]] = {}
-    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), framework="pt") as weights:
-        for key in weights.keys():
-            name = key.removeprefix(_KEY_PREFIX)
-            for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):  # A: (r, in), B: (out, r)
-                if name.endswith(part):
-                    module = name.removesuffix(part)
-                    shapes.setdefault(module, [0, 0])[1 - dim] = weights.get_slice(key).get_shape()[dim]
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            for key in weights.keys():
+                name = key.removeprefix(_KEY_PREFIX)
+                for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):  # A: (r, in), B: (out, r)
+                    if name.endswith(part):
+                        module = name.removesuffix(part)
+                        shapes.setdefault(module, [0, 0])[1 - dim] = weights.get_slice(key).get_shape()[dim]
+    except (SafetensorError, OSError) as error:  # empty, truncated, or not safetensors at all
+        raise UserError(f"{path}: not a readable safetensors file ({error}); the adapter folder is damaged") from None
     return {module: (in_out[0], in_out[1]) for module, in_out in shapes.items()}
 
 
@@ -110,7 +154,7 @@ def check_no_fresh_layers(model, adapter_dir: Path, base_path: str) -> None:
 
 def load_base_tokenizer(adapter: TrainedAdapter):
     """The base model's tokenizer, set up as training set it up (pad token included)."""
-    return load_tokenizer(adapter.base_path, adapter.recipe.model.trust_remote_code)
+    return load_tokenizer(adapter.base_path, adapter.trust_remote_code)
 
 
 def load_policy(adapter: TrainedAdapter):
@@ -119,7 +163,7 @@ def load_policy(adapter: TrainedAdapter):
     With its adapters disabled (`dpo_cli.model.reference_mode`) it is the reference.
     """
     config = adapter.recipe.model
-    base = load_base_model(config, resolve_device(config.device))
+    base = load_base_model(config, resolve_device(config.device), adapter.trust_remote_code)
     check_adapter_fits(base, adapter.path, config.path)
     model = load_adapter(base, adapter.path, trainable=False)
     check_no_fresh_layers(model, adapter.path, config.path)

@@ -54,7 +54,8 @@ def merged_logits(folder: Path, dtype: str, input_ids: torch.Tensor) -> torch.Te
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+    """Each file's bytes; the lock file a merge takes on its output folder (empty once released) is not content."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != ".dpo-cli.lock"}
 
 
 @pytest.mark.slow
@@ -158,7 +159,8 @@ def test_merge_bad_inputs_end_in_one_line_and_write_nothing(tiny_adapter, narrow
     a_file.write_text("x")
     out = tmp_path / "out"
     cases = [
-        (("--adapter", tiny_adapter, "--output", busy), "folder is not empty; pass --force"),
+        (("--adapter", tiny_adapter, "--output", busy), "holds files dpo-cli did not write (keep.txt)"),
+        (("--adapter", tiny_adapter, "--output", busy, "--force"), "holds files dpo-cli did not write (keep.txt)"),
         (("--adapter", tiny_adapter, "--output", out, "--dtype", "fp8"), "--dtype fp8: not one of"),
         (("--adapter", tiny_adapter, "--output", out, "--base-weights", "fp4"), "--base-weights fp4: not one of"),
         (("--adapter", tmp_path / "missing", "--output", out), "adapter folder not found"),
@@ -174,8 +176,14 @@ def test_merge_bad_inputs_end_in_one_line_and_write_nothing(tiny_adapter, narrow
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary folder left behind
     assert (busy / "keep.txt").read_text() == "mine" and (tiny_adapter / "adapter_config.json").is_file()
 
-    merge(capsys, tiny_adapter, busy, "--force")
-    assert not (busy / "keep.txt").exists() and (busy / "config.json").is_file()
+    # --force replaces an earlier merge-adapter output only; without it even that is kept.
+    earlier = tmp_path / "earlier"
+    merge(capsys, tiny_adapter, earlier)
+    code, _, stderr = run_cli_inprocess(capsys, "merge-adapter", "--adapter", tiny_adapter, "--output", earlier)
+    assert code == 2 and "folder is not empty; pass --force to replace it" in stderr
+    (earlier / "config.json").write_text("{}")
+    merge(capsys, tiny_adapter, earlier, "--force")
+    assert (earlier / "config.json").read_text() != "{}"
 
 
 def test_interrupted_merge_leaves_nothing_half_written(tiny_adapter, tmp_path, capsys, monkeypatch):
