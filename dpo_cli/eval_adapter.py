@@ -135,7 +135,14 @@ def skipped_records_dir(options: EvalOptions) -> Path | None:
 
 
 def _check_skipped_file(options: EvalOptions, folder: Path | None) -> None:
-    if folder is not None and not is_replaceable_output(folder / SKIPPED_FILE, "skipped"):
+    """skipped-eval.jsonl, beside the first output, replaces neither an output, an input nor a user's file."""
+    if folder is None:
+        return
+    path = folder / SKIPPED_FILE
+    taken = [str(named) for _, named in options.outputs()] + list(options.data)
+    if any(is_within(path, other) for other in taken):
+        raise UserError(f"{path}: is where --on-invalid skip writes the skipped records; name your file otherwise")
+    if not is_replaceable_output(path, "skipped"):
         raise UserError(
             f"{folder / SKIPPED_FILE}: exists and is not an earlier dpo-cli skipped-records file; --on-invalid skip "
             "would replace it, so write the outputs to another folder"

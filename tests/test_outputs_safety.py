@@ -256,6 +256,11 @@ def test_eval_skip_never_replaces_a_users_skipped_eval_file(tiny_adapter, tiny_d
         "--output", tmp_path / "eval.json",
     )  # fmt: skip
     assert "skipped-eval.jsonl: exists and is not an earlier dpo-cli skipped-records file" in line
+    line = refused(
+        capsys, "eval", "--adapter", tiny_adapter, "--data", tiny_demo["test"], "--on-invalid", "skip",
+        "--output", tmp_path / "new" / "eval.json", "--per-example", tmp_path / "new" / "skipped-eval.jsonl",
+    )  # fmt: skip
+    assert "skipped-eval.jsonl: is where --on-invalid skip writes the skipped records" in line
     assert snapshot(tmp_path) == before
 
 
