@@ -144,11 +144,16 @@ def test_train_refuses_folders_holding_anything_but_its_own_run(untrained_tiny, 
     assert snapshot(tmp_path, model) == before
 
 
-def test_train_accepts_an_empty_folder_and_marks_it_as_its_run(untrained_tiny, tmp_path, capsys):
+def test_train_accepts_an_empty_folder_and_writes_nothing_outside_it(untrained_tiny, tmp_path, capsys, monkeypatch):
     output = tmp_path / "empty"
     output.mkdir()
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path, untrained_tiny["model"], untrained_tiny["train"].parent)
     code, _, stderr = run_cli_inprocess(capsys, *train_args(untrained_tiny, output))
     assert code == 0, stderr
+    after = snapshot(tmp_path, untrained_tiny["model"], untrained_tiny["train"].parent)
+    changed = {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
+    assert changed and all(Path(path).is_relative_to(output) for path in changed), changed
     assert json.loads((output / ".dpo-cli.json").read_text())["kind"] == "train"
     # A finished run is kept: a fresh start refuses it, as before the marker existed.
     assert "holds an earlier run; pass --resume" in refused(capsys, *train_args(untrained_tiny, output))
@@ -225,6 +230,19 @@ def test_eval_replaces_its_own_earlier_outputs(tiny_adapter, tiny_demo, tmp_path
         )
         assert code == 0, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "pairs.jsonl"]
+
+
+def test_runs_written_before_the_marker_existed_still_count_as_train_runs(tmp_path):
+    from dpo_cli.output_folder import written_kind
+
+    (tmp_path / "recipe.yaml").write_text("training: {}\n")
+    assert written_kind(tmp_path) is None  # a recipe alone is anybody's
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert written_kind(tmp_path) == "train"
+    (tmp_path / ".dpo-cli.json").write_text("not json")
+    assert written_kind(tmp_path) == "train"
+    (tmp_path / ".dpo-cli.json").write_text('{"kind": "merge"}')
+    assert written_kind(tmp_path) == "merge"
 
 
 # 3. eval --on-invalid skip with no output file ----------------------------------------------------------------------
