@@ -151,7 +151,7 @@ def test_tensorboard_event_files_hold_the_scalars(eval_run):
         logged = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
         assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in train], key
     evals = [r for r in records if "eval_loss" in r]
-    assert [e.step for e in events.Scalars("eval/loss")] == [2, 4, 4]
+    assert [e.step for e in events.Scalars("eval/loss")] == [r["step"] for r in evals] and len(evals) >= 2
     for key in ("loss", "rewards/accuracies", "rewards/margins"):
         logged = [e.value for e in events.Scalars(f"eval/{key}")]
         assert logged == [pytest.approx(r[f"eval_{key}"], rel=1e-6) for r in evals], key
