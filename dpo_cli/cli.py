@@ -231,7 +231,9 @@ def merge_adapter(
 
 @app.command()
 def report(
-    runs: list[Path] = typer.Argument(..., help="Run folders written by `dpo-cli train` (finished or running)."),
+    runs: list[Path] = typer.Argument(
+        ..., metavar="DIR", help="Run folders written by `dpo-cli train` (finished or running)."
+    ),
     output: Path | None = typer.Option(
         None,
         "--output",
