@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PYTHON) -m dpo_cli.demo demo-out
+	@mkdir -p docs && cp demo-out/report.png docs/demo-report.png  # the README's figure
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ COLUMNS_HELP = "Map names: prompt=question,chosen=response_j,rejected=response_k
 ON_INVALID_HELP = "error: stop at the first bad record; skip: set bad records aside, count and write them."
 CHAT_TEMPLATE_HELP = "Jinja chat template file for conversational data when the tokenizer has none."
 TRUST_HELP = "Run the model's own Python code (auto_map) if it has any; only this flag allows it, never a recipe."
+REPORT_TO_HELP = "Also log to tensorboard and/or wandb (repeatable or comma-separated); default: none."
 data_app = typer.Typer(help="Look at preference data before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -54,6 +56,9 @@ def _overrides_from_flags(**flags) -> dict[str, dict]:
         "lr": ("training", "lr"),
         "seed": ("training", "seed"),
         "beta": ("dpo", "beta"),
+        "report_to": ("report", "trackers"),
+        "project": ("report", "project"),
+        "run_name": ("report", "run_name"),
     }
     overrides: dict[str, dict] = {}
     for flag, value in flags.items():
@@ -86,11 +91,20 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Seed for data order and initialisation."),
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Train LoRA on a bf16/fp32 base instead of 4-bit."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output-dir."),
+    report_to: list[str] | None = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
+    project: str | None = typer.Option(
+        None, "--project", help="The wandb project (default: $WANDB_PROJECT or dpo-cli)."
+    ),
+    run_name: str | None = typer.Option(
+        None, "--run-name", help="The run's name in the trackers (default: the folder's)."
+    ),
     set_: list[str] | None = typer.Option(None, "--set", help="Any recipe key: --set section.key=value (repeatable)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
-    """Fine-tune a causal LM with DPO; writes a PEFT adapter folder, the resolved recipe and metrics.jsonl."""
+    """Fine-tune a causal LM with DPO; writes a PEFT adapter folder, the resolved recipe, metrics.jsonl, report.png
+    and a model card (README.md)."""
     from dpo_cli.config import load_recipe, parse_set_option
+    from dpo_cli.model_card import write_model_card
     from dpo_cli.train import train as run_training
 
     overrides = _overrides_from_flags(
@@ -111,6 +125,9 @@ def train(
         chat_template=str(chat_template) if chat_template is not None else None,
         eval_split=eval_split,
         seed=seed,
+        report_to=report_to,
+        project=project,
+        run_name=run_name,
     )
     if no_quantize:
         overrides.setdefault("model", {})["quantize"] = False
@@ -119,6 +136,7 @@ def train(
         overrides.setdefault(section, {})[key] = value
     resolved = load_recipe(recipe, overrides)
     result = run_training(resolved, resume=resume, console=console, trust_remote_code=trust_remote_code)
+    write_model_card(result.output_dir, command=shlex.join(["dpo-cli", *sys.argv[1:]]))
     last = result.records[-1] if result.records else {}
     summary = f"done: {result.steps} steps, adapter in {result.output_dir}"
     if last:
@@ -215,6 +233,28 @@ def merge_adapter(
 
     options = MergeOptions(adapter, output, model, dtype, base_weights, force, max_shard_size, trust_remote_code)
     run_merge(options, console)
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(
+        ..., metavar="DIR", help="Run folders written by `dpo-cli train` (finished or running)."
+    ),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        help="Figure file: .png, .svg or .pdf (default: DIR/report.png, or comparison.png for several).",
+    ),
+):
+    """Draw a run's curves (or overlay several runs) and print a summary table: steps, final and best eval, speed."""
+    from dpo_cli.report import REPORT_FILE, print_summary, report_runs
+
+    if output is None:
+        output = runs[0] / REPORT_FILE if len(runs) == 1 else Path("comparison.png")
+    figure, summaries = report_runs(runs, output)
+    print_summary(summaries, console)
+    runs_drawn = f"{len(figure.runs)} run{'s' if len(figure.runs) > 1 else ''}"
+    console.print(f"report of {runs_drawn} written to {figure.path}", soft_wrap=True)  # a path to copy, unbroken
 
 
 def _quiet_libraries() -> None:

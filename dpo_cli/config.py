@@ -1,8 +1,8 @@
 """The recipe: every setting of a run, as YAML over typed dataclasses.
 
-A recipe file has one mapping per section (`model`, `lora`, `data`, `training`, `dpo`). Keys not declared here are
-an error naming the key, never ignored: a misspelled `learnig_rate` silently falling back to the default is the
-worst kind of bug in a training run. Command-line flags and `--set section.key=value` override the file; the fully
+A recipe file has one mapping per section (`model`, `lora`, `data`, `training`, `dpo`, `report`). Keys not declared
+here are an error naming the key, never ignored: a misspelled `learnig_rate` silently falling back to the default is
+the worst kind of bug in a training run. Command-line flags and `--set section.key=value` override the file; the fully
 resolved recipe is saved beside the adapter so `eval` and `merge-adapter` need only `--adapter DIR`.
 """
 
@@ -256,6 +256,29 @@ class DpoSection:
                 raise UserError(f"{key}: cannot be combined with dpo.{option}={value}: {why}")
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class ReportSection:
+    """Where the metrics go besides metrics.jsonl and report.png, which every run writes."""
+
+    trackers: list[str] = field(default_factory=list)
+    """tensorboard (event files in the output folder's tensorboard/), wandb, both, or none (the default)."""
+    project: str = ""
+    """The wandb project; empty: $WANDB_PROJECT, else dpo-cli."""
+    run_name: str = ""
+    """The run's name in the trackers; empty: the output folder's name."""
+
+    def __post_init__(self):
+        if isinstance(self.trackers, str):
+            self.trackers = [self.trackers]
+        names = [name.strip() for entry in self.trackers for name in entry.split(",") if name.strip()]
+        self.trackers = list(dict.fromkeys(name for name in names if name != "none"))  # "none" is HF's spelling
+        for name in self.trackers:
+            _check_choice("report.trackers", name, TRACKERS)
+
+
 @dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
@@ -263,6 +286,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     dpo: DpoSection = field(default_factory=DpoSection)
+    report: ReportSection = field(default_factory=ReportSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -359,7 +383,7 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
         problem = getattr(error, "problem", None) or "malformed YAML"
         raise UserError(f"{where}: {problem}; fix the YAML syntax") from None
     if not isinstance(values, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of sections (model, lora, data, training, dpo)")
+        raise UserError(f"{path}: a recipe must be a mapping of sections (model, lora, data, training, dpo, report)")
     return values
 
 

@@ -3,9 +3,9 @@
     python -m dpo_cli.demo [FOLDER]     (default: demo-out)
 
 It builds a tiny Llama (briefly pretrained on the task's sentences) and cheerful-vs-gloomy preference pairs
-(dpo_cli/tiny.py), then runs the three commands a user would, printing each before it runs:
-train -> eval (with side-by-side samples) -> merge-adapter. The table compares the reference (the base, adapters
-off) with the trained policy on the held-out pairs and on their own samples.
+(dpo_cli/tiny.py), then runs the commands a user would, printing each before it runs: train -> report (the curves,
+FOLDER/report.png) -> eval (with side-by-side samples) -> merge-adapter. The table compares the reference (the base,
+adapters off) with the trained policy on the held-out pairs and on their own samples.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ def main(folder: str = "demo-out") -> None:
         "--lr", "5e-4",
         "--beta", str(BETA),
         "--set", "training.save_steps=20",
+        "--set", "training.eval_steps=10",
     )  # fmt: skip
+    _run(console, "report", str(run), "--output", str(root / "report.png"))
     _run(
         console,
         "eval",

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
 
 from dpo_cli.distributed import average_metrics, is_main_process
 from dpo_cli.files import write_text_atomic
+from dpo_cli.trackers import Trackers
 
 PAIR_METRICS = (
     "loss",
@@ -58,10 +60,14 @@ def is_finite(value: float | torch.Tensor) -> bool:
 
 
 class MetricsLog:
-    """Appends records to `metrics.jsonl`; on resume, drops records past the checkpoint so the curve is continuous."""
+    """Appends records to `metrics.jsonl`; on resume, drops records past the checkpoint so the curve is continuous.
 
-    def __init__(self, path: Path):
+    Each record written is stamped with `time` (Unix seconds; the report's wall time) and handed to the trackers.
+    """
+
+    def __init__(self, path: Path, trackers: Trackers | None = None):
         self.path = Path(path)
+        self.trackers = trackers
 
     def truncate_after(self, step: int) -> None:
         if not self.path.exists() or not is_main_process():
@@ -72,9 +78,17 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not is_main_process():
             return
+        record = {**record, "time": round(time.time(), 3)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+    def close(self) -> None:
+        """Finish the trackers' runs (flushing their files); metrics.jsonl itself is closed after every line."""
+        if self.trackers is not None:
+            self.trackers.close()
 
     def read(self) -> list[dict]:
         if not self.path.exists():

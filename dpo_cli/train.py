@@ -36,7 +36,9 @@ from dpo_cli.model import (
 from dpo_cli.objective import score_batch
 from dpo_cli.output_folder import check_folder_is_ours, check_placeable, claimed_folder, honour_umask, is_within
 from dpo_cli.reference import precompute_reference_logps, with_reference
+from dpo_cli.report import write_run_report
 from dpo_cli.tokenization import load_tokenized_split
+from dpo_cli.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -155,6 +157,7 @@ class Trainer:
         recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted
         self.output_dir = Path(recipe.training.output_dir)
         self.resume_from = _prepare_output_dir(self.output_dir, resume)
+        self.trackers = Trackers(self.output_dir, recipe.report, recipe.to_dict())  # a missing package fails here
         if resume and self.resume_from is None:
             self.console.print(f"no checkpoint in {self.output_dir}; starting from the beginning")
         _set_seed(recipe.training.seed)
@@ -191,7 +194,7 @@ class Trainer:
             self.optimizer, lambda step: lr_lambda(step, self.total_steps, warmup, recipe.training.scheduler)
         )
         self.state = TrainerState(step=0, micro_batches_done=0, total_steps=self.total_steps)
-        self.metrics_log = MetricsLog(self.output_dir / METRICS_FILE)
+        self.metrics_log = MetricsLog(self.output_dir / METRICS_FILE, self.trackers)
         if self.resume_from is not None:
             self.state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
             self.state.total_steps = self.total_steps
@@ -272,9 +275,11 @@ class Trainer:
         if not is_main_process():
             return None
         training = self.recipe.training
-        return save_checkpoint(
+        path = save_checkpoint(
             self.output_dir, self.model, self.optimizer, self.scheduler, self.state, training.save_total_limit
         )
+        write_run_report(self.output_dir)  # report.png: the curves so far, at every checkpoint
+        return path
 
     def run(self) -> TrainResult:
         training = self.recipe.training
@@ -317,6 +322,7 @@ class Trainer:
             result.final_eval = self.evaluate()
             self.metrics_log.write({"step": self.state.step, **result.final_eval})
         self.save_final()
+        write_run_report(self.output_dir)  # with the final evaluation
         result.steps = self.state.step
         return result
 
@@ -349,4 +355,8 @@ def train(
     """
     output_dir = check_output_dir(recipe)
     with claimed_folder(output_dir, "train", "--output-dir"):
-        return Trainer(recipe, console=console, resume=resume, trust_remote_code=trust_remote_code).run()
+        trainer = Trainer(recipe, console=console, resume=resume, trust_remote_code=trust_remote_code)
+        try:
+            return trainer.run()
+        finally:
+            trainer.metrics_log.close()  # finishes the trackers' runs, after Ctrl-C or divergence too

@@ -1,0 +1,425 @@
+"""The run report: a DPO run's curves in one figure, and a short summary of how it went.
+
+`dpo-cli train` draws `report.png` into its output folder at every checkpoint and at the end; `dpo-cli report`
+draws the same figure for any run folder, finished or still running, or overlays several runs (one colour each,
+named by folder). Everything is read back from the folder (`metrics.jsonl`, `recipe.yaml`), so the figure of a run
+is the same whoever draws it. Matplotlib is imported only when a figure is drawn, and without pyplot (no display,
+no process-wide backend), so the other commands start as fast as without it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpo_cli.config import RECIPE_FILENAME, read_recipe_file
+from dpo_cli.errors import UserError
+from dpo_cli.files import write_bytes_atomic
+
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.png"
+FORMATS = (".png", ".svg", ".pdf")
+METADATA_KEY = "dpo-cli report"  # PNG text chunk: the panels and the metrics drawn in each, as JSON
+FIGURE_INCHES, DPI = (16.0, 8.0), 100
+
+
+@dataclass(frozen=True)
+class Series:
+    metric: str
+    """TRL's name in metrics.jsonl; its eval curve is `eval_` + this."""
+    label: str
+    per_beta: bool = False
+    """Drawn divided by β: the implicit reward β·log(πθ/πref) becomes the log-ratio itself."""
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    ylabel: str
+    series: tuple[Series, ...]
+    has_eval: bool = True
+
+
+CHOSEN_REJECTED = (Series("rewards/chosen", "chosen"), Series("rewards/rejected", "rejected"))
+DRIFT = tuple(Series(s.metric, s.label, per_beta=True) for s in CHOSEN_REJECTED)
+PANELS = (
+    Panel("loss", "loss", (Series("loss", "loss"),)),
+    Panel("reward accuracy", "rewards/accuracies", (Series("rewards/accuracies", "accuracy"),)),
+    Panel("reward margin", "rewards/margins", (Series("rewards/margins", "margin"),)),
+    Panel("chosen and rejected rewards", "β·log(πθ/πref)", CHOSEN_REJECTED),
+    Panel("drift from the reference", "mean log πθ − log πref (nats)", DRIFT),
+    Panel("learning rate", "learning_rate", (Series("learning_rate", "learning rate"),), has_eval=False),
+    Panel("grad norm", "grad_norm (before clipping)", (Series("grad_norm", "grad norm"),), has_eval=False),
+    Panel("throughput", "tokens/s", (Series("tokens_per_second", "tokens/s"),), has_eval=False),
+)
+SERIES_COLOURS = ("tab:blue", "tab:red")  # within one run: first and second series of a panel
+CHOSEN_COLOURS = {"chosen": "tab:green", "rejected": "tab:red"}
+SERIES_STYLES = ("-", "--")  # in an overlay the colour is the run's, so a panel's series differ by line style
+EVAL_MARKERS = ("o", "s")  # eval points: dotted, one marker shape per series of the panel
+
+
+@dataclass
+class Run:
+    """One run folder's records, and what its recipe says about drawing them."""
+
+    name: str
+    folder: Path
+    records: list[dict]
+    recipe: dict = field(default_factory=dict)
+
+    @property
+    def beta(self) -> float | None:
+        """β to turn rewards into log-ratios; None when the rewards are not log-ratios (SimPO has no reference)."""
+        dpo = self.recipe.get("dpo") or {}
+        if dpo.get("reference_free"):
+            return None
+        return float(dpo.get("beta", 0.1))
+
+    def points(self, metric: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+        """(steps, values) of one metric; a step logged twice (an eval at the last step, then the final eval)
+        counts once, with its last value."""
+        by_step = {
+            int(r["step"]): float(r[metric]) * scale
+            for r in self.records
+            if isinstance(r.get(metric), int | float) and not isinstance(r.get(metric), bool)
+        }
+        steps = sorted(by_step)
+        return steps, [by_step[s] for s in steps]
+
+    @property
+    def train_records(self) -> list[dict]:
+        return [r for r in self.records if "loss" in r]
+
+    @property
+    def has_eval(self) -> bool:
+        return any("eval_loss" in r for r in self.records)
+
+
+@dataclass
+class ReportFigure:
+    """What was drawn where: the file, its size in pixels, the runs, and per panel the metric names drawn."""
+
+    path: Path
+    size: tuple[int, int]
+    runs: list[str]
+    panels: list[dict]
+
+    def metadata(self) -> dict:
+        return {"runs": self.runs, "panels": self.panels}
+
+
+# Reading a run ------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A running run may be mid-way through its last line: that line is left out."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; pass a folder written by `dpo-cli train`") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read it ({error.__class__.__name__})") from None
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline yet: the trainer is writing it right now
+                continue
+            raise UserError(f"{path}:{number}: not a JSON record; the file is damaged, remove that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{path}:{number}: a metrics record needs an integer 'step'; remove that line")
+        records.append(record)
+    return records
+
+
+def read_run(folder: Path, name: str | None = None) -> Run:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder; pass the --output-dir of a `dpo-cli train` run")
+    records = read_metrics(folder / METRICS_FILE)
+    if not any("loss" in r for r in records):
+        raise UserError(f"{folder / METRICS_FILE}: no training step recorded yet; draw it after the first step")
+    recipe_path = folder / RECIPE_FILENAME
+    recipe = read_recipe_file(recipe_path) if recipe_path.exists() else {}
+    return Run(name or folder.name, folder, records, recipe)
+
+
+def run_names(folders: list[Path]) -> list[str]:
+    """Each run by its folder's name; folders of the same name are told apart by their parent's."""
+    names = [Path(f).resolve().name for f in folders]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{Path(f).resolve().parent.name}/{Path(f).resolve().name}" for f in folders]
+
+
+def read_runs(folders: list[Path]) -> list[Run]:
+    return [read_run(folder, name) for folder, name in zip(folders, run_names(folders), strict=True)]
+
+
+# Drawing ------------------------------------------------------------------------------------------------------------
+
+
+def _line_style(runs: list[Run], run_index: int, series_index: int, series: Series) -> dict:
+    marker = EVAL_MARKERS[series_index % len(EVAL_MARKERS)]
+    if len(runs) > 1:
+        linestyle = SERIES_STYLES[series_index % len(SERIES_STYLES)]
+        return {"color": f"C{run_index % 10}", "linestyle": linestyle, "marker": marker}
+    colour = CHOSEN_COLOURS.get(series.label, SERIES_COLOURS[series_index % len(SERIES_COLOURS)])
+    return {"color": colour, "linestyle": "-", "marker": marker}
+
+
+def _draw_series(ax, run: Run, series: Series, style: dict, with_eval: bool, solo: bool) -> list[str]:
+    """Draw one series of one run (train line, eval points); the metric names drawn."""
+    scale = 1.0 / run.beta if series.per_beta else 1.0
+    style = dict(style)
+    marker = style.pop("marker")
+    drawn = []
+    steps, values = run.points(series.metric, scale)
+    if steps:
+        ax.plot(steps, values, linewidth=1.3, label=series.label if solo else None, **style)
+        drawn.append(series.metric)
+    eval_metric = f"eval_{series.metric}"
+    steps, values = run.points(eval_metric, scale)
+    if with_eval and steps:
+        label = f"eval {series.label}" if solo else None
+        eval_style = {**style, "linestyle": ":", "marker": marker, "markersize": 4, "linewidth": 1}
+        ax.plot(steps, values, label=label, **eval_style)
+        drawn.append(eval_metric)
+    return drawn
+
+
+def _style_legend(ax, panel: Panel, with_eval: bool) -> None:
+    """In an overlay the colours are runs (the figure legend); here the line styles say which series is which."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color="0.35", linestyle=SERIES_STYLES[i % len(SERIES_STYLES)], label=series.label)
+        for i, series in enumerate(panel.series)
+    ]
+    if with_eval:
+        handles += [
+            Line2D(
+                [],
+                [],
+                color="0.35",
+                linestyle=":",
+                marker=EVAL_MARKERS[i % len(EVAL_MARKERS)],
+                markersize=4,
+                label=f"eval {series.label}" if len(panel.series) > 1 else "eval",
+            )
+            for i, series in enumerate(panel.series)
+        ]
+    if len(handles) > 1:
+        ax.legend(handles=handles, fontsize=8)
+
+
+def _draw_panel(ax, panel: Panel, runs: list[Run]) -> dict:
+    from matplotlib.ticker import MaxNLocator
+
+    solo = len(runs) == 1
+    metrics: list[str] = []
+    skipped = [run.name for run in runs if panel.series[0].per_beta and run.beta is None]
+    for run_index, run in enumerate(runs):
+        if run.name in skipped:
+            continue
+        for series_index, series in enumerate(panel.series):
+            style = _line_style(runs, run_index, series_index, series)
+            drawn = _draw_series(ax, run, series, style, panel.has_eval, solo)
+            metrics += [name for name in drawn if name not in metrics]
+    ax.set_title(panel.title + (" (rewards / β)" if panel.series[0].per_beta else ""), fontsize=11)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3)
+    if skipped:  # SimPO's rewards are not log-ratios against a reference: there is no drift to draw
+        ax.text(0.5, 0.5, "no reference model\n(dpo.reference_free)", ha="center", va="center", transform=ax.transAxes)
+    with_eval = any(name.startswith("eval_") for name in metrics)
+    if solo and len(ax.get_lines()) > 1:
+        ax.legend(fontsize=8)
+    elif not solo:
+        _style_legend(ax, panel, with_eval)
+    return {"title": panel.title, "metrics": metrics, "per_beta": panel.series[0].per_beta}
+
+
+def _title(runs: list[Run]) -> str:
+    if len(runs) > 1:
+        return " vs ".join(run.name for run in runs)
+    run = runs[0]
+    model = Path(str((run.recipe.get("model") or {}).get("path", ""))).name or "?"
+    dpo = run.recipe.get("dpo") or {}
+    loss = "+".join(dpo.get("loss_type") or ["sigmoid"])
+    steps = max(r["step"] for r in run.train_records)
+    return f"{run.name}: {model}, {loss} loss, β {dpo.get('beta', 0.1)}, {steps} steps"
+
+
+def output_format(path: Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise UserError(f"{path}: a report is drawn as {', '.join(FORMATS)}; give --output a name ending in one")
+    return suffix[1:]
+
+
+def draw_report(runs: list[Run], path: Path) -> ReportFigure:
+    """Draw every panel for `runs` (one colour per run when several) into `path` (.png, .svg or .pdf), atomically."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    file_format = output_format(path)
+    figure = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
+    axes = figure.subplots(2, 4).ravel()
+    panels = [_draw_panel(ax, panel, runs) for ax, panel in zip(axes, PANELS, strict=True)]
+    figure.suptitle(_title(runs), fontsize=13)
+    if len(runs) > 1:
+        handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2, label=run.name) for i, run in enumerate(runs)]
+        figure.legend(handles=handles, loc="outside lower center", ncols=min(len(runs), 6))
+    names = [run.name for run in runs]
+    result = ReportFigure(Path(path), (round(FIGURE_INCHES[0] * DPI), round(FIGURE_INCHES[1] * DPI)), names, panels)
+    if file_format == "png":
+        data = _palette_png(figure, {"Title": _title(runs), METADATA_KEY: json.dumps(result.metadata())})
+    else:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=file_format, dpi=DPI, metadata={"Title": _title(runs)})
+        data = buffer.getvalue()
+    write_bytes_atomic(Path(path), data)
+    return result
+
+
+def _palette_png(figure, text: dict[str, str]) -> bytes:
+    """The figure as a 256-colour PNG with `text` chunks: curves on white need few colours, and the file is a third
+    of the full-colour one's size (260 kB -> 95 kB for the demo's), which matters for the copy the README shows."""
+    from PIL import Image, PngImagePlugin
+
+    rendered = io.BytesIO()
+    figure.savefig(rendered, format="png", dpi=DPI)
+    rendered.seek(0)
+    with Image.open(rendered) as image:
+        palette = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    packed = io.BytesIO()
+    palette.save(packed, format="png", pnginfo=info, optimize=True)
+    return packed.getvalue()
+
+
+def write_run_report(folder: Path) -> ReportFigure:
+    """`report.png` of one run folder from what it holds now (train calls this at checkpoints and at the end)."""
+    return draw_report([read_run(folder)], Path(folder) / REPORT_FILE)
+
+
+# The summary --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    name: str
+    steps: int
+    final: dict[str, float]
+    """The last training step's loss and reward accuracy."""
+    final_eval: dict[str, float] | None
+    """The last evaluation's metrics (without the eval_ prefix); None without eval data."""
+    best_eval_loss: tuple[float, int] | None
+    """(value, step) of the lowest eval loss."""
+    best_eval_accuracy: tuple[float, int] | None
+    tokens_per_second: float
+    """Tokens over the time spent in training steps (evaluation and checkpoints left out)."""
+    wall_seconds: float
+    """From the start of the first step to the last record, when records carry `time`; else the steps' time."""
+
+
+def _step_seconds(train_records: list[dict]) -> list[float]:
+    """Each step's duration: its tokens over its tokens/s (num_tokens is the running total)."""
+    seconds, previous = [], 0
+    for record in train_records:
+        tokens = record.get("num_tokens", 0) - previous
+        previous = record.get("num_tokens", 0)
+        rate = record.get("tokens_per_second") or 0.0
+        seconds.append(tokens / rate if rate > 0 else 0.0)
+    return seconds
+
+
+def _best(run: Run, metric: str, lowest: bool) -> tuple[float, int] | None:
+    steps, values = run.points(metric)
+    pairs = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
+    if not pairs:
+        return None
+    return min(pairs) if lowest else max(pairs, key=lambda pair: (pair[0], -pair[1]))
+
+
+def summarize(run: Run) -> RunSummary:
+    train = run.train_records
+    last = train[-1]
+    evals = [r for r in run.records if "eval_loss" in r]
+    final_eval = {k[len("eval_") :]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None
+    seconds = _step_seconds(train)
+    times = [r["time"] for r in run.records if isinstance(r.get("time"), int | float)]
+    wall = (max(times) - min(times) + seconds[0]) if len(times) == len(run.records) else sum(seconds)
+    return RunSummary(
+        name=run.name,
+        steps=int(last["step"]),
+        final={"loss": last["loss"], "rewards/accuracies": last.get("rewards/accuracies", math.nan)},
+        final_eval=final_eval,
+        best_eval_loss=_best(run, "eval_loss", lowest=True),
+        best_eval_accuracy=_best(run, "eval_rewards/accuracies", lowest=False),
+        tokens_per_second=last.get("num_tokens", 0) / sum(seconds) if sum(seconds) > 0 else math.nan,
+        wall_seconds=wall,
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _at(best: tuple[float, int] | None, digits: int) -> str:
+    return f"{best[0]:.{digits}f} (step {best[1]})" if best else "-"
+
+
+def summary_rows(summaries: list[RunSummary]) -> list[tuple[str, list[str]]]:
+    """The summary table as text, one row per measure with one cell per run (runs side by side read best)."""
+
+    def final_eval(s: RunSummary, key: str, digits: int) -> str:
+        value = (s.final_eval or {}).get(key)
+        return f"{value:.{digits}f}" if value is not None else "-"
+
+    return [
+        ("steps", [str(s.steps) for s in summaries]),
+        ("loss (last step)", [f"{s.final['loss']:.4f}" for s in summaries]),
+        ("reward accuracy (last step)", [f"{s.final['rewards/accuracies']:.3f}" for s in summaries]),
+        ("eval loss (final)", [final_eval(s, "loss", 4) for s in summaries]),
+        ("eval reward accuracy (final)", [final_eval(s, "rewards/accuracies", 3) for s in summaries]),
+        ("eval reward margin (final)", [final_eval(s, "rewards/margins", 4) for s in summaries]),
+        ("best eval loss", [_at(s.best_eval_loss, 4) for s in summaries]),
+        ("best eval reward accuracy", [_at(s.best_eval_accuracy, 3) for s in summaries]),
+        ("tokens/s", [f"{s.tokens_per_second:,.0f}" if math.isfinite(s.tokens_per_second) else "-" for s in summaries]),
+        ("wall time", [_duration(s.wall_seconds) for s in summaries]),
+    ]
+
+
+def print_summary(summaries: list[RunSummary], console) -> None:
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("")
+    for summary in summaries:
+        table.add_column(summary.name, justify="right")
+    for label, cells in summary_rows(summaries):
+        table.add_row(label, *cells)
+    console.print(table)
+
+
+def report_runs(folders: list[Path], output: Path) -> tuple[ReportFigure, list[RunSummary]]:
+    """`dpo-cli report`: read the runs, draw them into `output`, summarize each."""
+    output_format(output)  # a wrong name fails before any reading
+    runs = read_runs(folders)
+    return draw_report(runs, output), [summarize(run) for run in runs]
