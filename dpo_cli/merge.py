@@ -14,6 +14,7 @@ name, checked (its logits against the 4-bit base + adapter), and only then renam
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from rich.console import Console
 
 from dpo_cli.errors import UserError
-from dpo_cli.files import atomic_directory
+from dpo_cli.files import atomic_directory, disk_full_as_user_error, remove_stale_temporaries
 from dpo_cli.trained_adapter import ADAPTER_NAME, TrainedAdapter, load_base_tokenizer, load_policy, open_adapter
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -151,8 +152,15 @@ def merged_logit_diff(folder: Path, dtype: str, policy_logits: torch.Tensor, inp
     return float((logits_on(merged, input_ids) - policy_logits).abs().max())
 
 
+def remove_stale_merge_temporaries(output: Path) -> None:
+    """What a merge into `output` that was killed left beside it: `.{name}.{pid}.*.tmp`, as large as the model."""
+    output = Path(output)
+    remove_stale_temporaries(output.parent, re.escape(output.name))
+
+
 def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
     options.check()
+    remove_stale_merge_temporaries(Path(options.output))
     adapter = open_adapter(options.adapter, options.model, console)
     if options.base_weights == "nf4" and not adapter.recipe.model.quantize:
         console.print("the adapter was trained on an unquantized base: merging into its original weights")
@@ -164,7 +172,10 @@ def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
     plain = load_plain_base(adapter)
     merged, dequantized_count = fold_adapter(policy, plain, options.base_weights)
     plain.to(getattr(torch, options.dtype))
-    with atomic_directory(Path(options.output), replace=True) as staging:
+    with (
+        disk_full_as_user_error(f"the merged model into {options.output}", "rerun merge-adapter"),
+        atomic_directory(Path(options.output), replace=True) as staging,
+    ):
         plain.save_pretrained(staging, max_shard_size=options.max_shard_size)
         tokenizer.save_pretrained(staging)
         del plain  # the check reads the files back; keep one copy of the weights in memory
