@@ -22,14 +22,13 @@ import json
 import pickle
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from dpo_cli.errors import UserError
-from dpo_cli.files import atomic_directory, remove_stale_temporaries, write_bytes
+from dpo_cli.files import atomic_directory, remove_folder, remove_stale_temporaries, write_bytes
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -87,7 +86,7 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: Traine
         write_bytes(tmp / "rng.pt", _tensors_file_bytes(_rng_states()))
         write_bytes(tmp / STATE_FILE, json.dumps(asdict(state), indent=2).encode())
     for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)
     return target
 
 

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -118,6 +119,16 @@ def atomic_directory(target: Path, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete `folder` so that it is either whole or gone: renamed to a temporary name first (removed by the next
+    start if this process is killed mid-way), never a half-deleted folder under its real name."""
+    folder = Path(folder)
+    doomed = folder.with_name(f"{_temporary_prefix(folder)}{secrets.token_hex(4)}.tmp")
+    os.replace(folder, doomed)
+    fsync_folder(folder.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def move_files_into(source: Path, target: Path) -> None:
