@@ -605,3 +605,57 @@ def test_kill_9_during_a_merge_keeps_the_previous_output_whole(two_step_run, tmp
     assert run_cli_inprocess(capsys, *merge_args)[0] == 0
     assert _tree(output) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"], "stale temporaries removed"
+
+
+# Interrupts during startup ------------------------------------------------------------------------------------------
+
+
+def _swallow_an_interrupt(*args, **kwargs):
+    """What some libraries do with a Ctrl-C that lands in them: catch it and carry on."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs here
+    except KeyboardInterrupt:
+        pass
+
+
+def _convert_an_interrupt(*args, **kwargs):
+    """What transformers' lazy modules do with one that lands in an import: re-raise it as another error."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    except KeyboardInterrupt:
+        raise ModuleNotFoundError("Could not import module 'LlamaConfig'") from None
+
+
+@pytest.mark.parametrize("library", [_swallow_an_interrupt, _convert_an_interrupt])
+def test_an_interrupt_during_startup_ends_in_130_whatever_a_library_makes_of_it(
+    untrained_tiny, tmp_path, capsys, monkeypatch, library
+):
+    from dpo_cli import train as train_module
+
+    monkeypatch.setattr(train_module, "_set_seed", library)  # runs between the checks and loading the tokenizer
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli_inprocess(capsys, *_train_args(untrained_tiny, out, 2))
+    assert code == 130 and _one_error_line(stderr) == "error: interrupted", stderr
+    assert "done:" not in stdout and not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_sigint_reaches_a_run_started_with_sigint_ignored(untrained_tiny, tmp_path):
+    """A non-interactive shell starts background jobs with SIGINT ignored; `kill -INT` must still stop the run."""
+    out = tmp_path / "run"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dpo_cli", *map(str, _train_args(untrained_tiny, out, 400))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_subprocess_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    while run.poll() is None and not (out / "metrics.jsonl").exists():
+        time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert "by SIGINT; checkpoint saved" in _one_error_line(stderr)
