@@ -232,6 +232,8 @@ def main() -> None:
     previous_handlers = interrupts.install()
     try:
         _main()
+        if interrupts.received():
+            _exit_interrupted()
     except SystemExit as exit_:
         if interrupts.received() and exit_.code in (0, None):
             _exit_interrupted()
@@ -242,8 +244,6 @@ def main() -> None:
         raise
     finally:
         interrupts.restore(previous_handlers)
-    if interrupts.received():
-        _exit_interrupted()
 
 
 def _exit_interrupted() -> None:

@@ -40,6 +40,9 @@ def install() -> dict:
 
 
 def restore(previous: dict) -> None:
+    """Put the previous handlers back and forget the signal: the command that received it is over."""
+    global _received
+    _received = None
     for sig, handler in previous.items():
         signal.signal(sig, handler)
 
