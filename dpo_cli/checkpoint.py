@@ -79,7 +79,7 @@ def _tensors_file_bytes(value) -> bytes:
 
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int) -> Path:
     target = Path(output_dir) / CHECKPOINTS_DIR / f"step-{state.step:06d}"
-    with atomic_directory(target, replace=True) as tmp:
+    with atomic_directory(target, replace=True, owner_in_name=True) as tmp:
         model.save_pretrained(tmp)
         write_bytes(tmp / "optimizer.pt", _tensors_file_bytes(optimizer.state_dict()))
         write_bytes(tmp / "scheduler.pt", _tensors_file_bytes(scheduler.state_dict()))

@@ -94,11 +94,17 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, replace: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it is renamed to `target`, on failure removed."""
+def atomic_directory(target: Path, replace: bool = False, owner_in_name: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it is renamed to `target`, on failure removed.
+
+    `owner_in_name` puts this process's id in the temporary name, so that `remove_stale_temporaries` can tell a
+    killed writer's folder from a live one's. It is off by default because some readers derive names from the
+    folder's (the `datasets` library refuses fingerprints over 64 characters).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temporary_prefix(target), suffix=".tmp"))
+    prefix = _temporary_prefix(target) if owner_in_name else f".{target.name}."
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private (0700); the renamed result should not be
     try:
         yield tmp

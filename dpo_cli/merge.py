@@ -174,7 +174,7 @@ def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
     plain.to(getattr(torch, options.dtype))
     with (
         disk_full_as_user_error(f"the merged model into {options.output}", "rerun merge-adapter"),
-        atomic_directory(Path(options.output), replace=True) as staging,
+        atomic_directory(Path(options.output), replace=True, owner_in_name=True) as staging,
     ):
         plain.save_pretrained(staging, max_shard_size=options.max_shard_size)
         tokenizer.save_pretrained(staging)
