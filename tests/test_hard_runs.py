@@ -415,7 +415,7 @@ def test_a_metrics_append_on_a_full_disk_leaves_only_whole_lines(tmp_path):
 
 
 def test_disk_full_during_training_is_one_line_and_resume_loses_nothing(untrained_tiny, tmp_path, capsys, monkeypatch):
-    from dpo_cli.checkpoint import load_checkpoint, read_state
+    from dpo_cli.checkpoint import read_state
     from dpo_cli.train import Trainer
 
     straight = tmp_path / "straight"
@@ -443,7 +443,6 @@ def test_disk_full_during_training_is_one_line_and_resume_loses_nothing(untraine
         assert not [p for p in out.rglob(".*") if p.name.endswith(".tmp")]
         assert all(r["step"] <= 4 for r in _records(out))
         monkeypatch.setattr(Trainer, "save_checkpoint", original_save)
-        assert callable(load_checkpoint)
 
         filled[0].unlink()
         code, _, stderr = run_cli_inprocess(capsys, *_train_args(untrained_tiny, out, 6, "--resume"))
