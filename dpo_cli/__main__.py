@@ -1,5 +1,23 @@
-"""`python -m dpo_cli` runs the same CLI as the `dpo-cli` console script."""
+"""`python -m dpo_cli` and the `dpo-cli` console script: the CLI, with Ctrl-C and SIGTERM handled from the start.
 
-from dpo_cli.cli import main
+The handler goes in before the command line's own imports (typer alone takes a few hundred milliseconds), so an
+interrupt that early ends like any other: "error: interrupted", exit 130, not a KeyboardInterrupt traceback.
+"""
 
-main()
+import sys
+
+
+def run() -> None:
+    from dpo_cli import interrupts
+
+    interrupts.install()
+    try:
+        from dpo_cli.cli import main
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    main()
+
+
+if __name__ == "__main__":
+    run()

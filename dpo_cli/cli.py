@@ -271,7 +271,33 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback; an interrupt
+    (Ctrl-C, SIGTERM) at any moment ends in 130, even when a library swallowed or converted it on the way."""
+    from dpo_cli import interrupts
+
+    previous_handlers = interrupts.install()
+    try:
+        _main()
+        if interrupts.received():
+            _exit_interrupted()
+    except SystemExit as exit_:
+        if interrupts.received() and exit_.code in (0, None):
+            _exit_interrupted()
+        raise
+    except BaseException:
+        if interrupts.received():
+            _exit_interrupted()
+        raise
+    finally:
+        interrupts.restore(previous_handlers)
+
+
+def _exit_interrupted() -> None:
+    print("error: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def _main() -> None:
     _quiet_libraries()
     try:
         code = app(standalone_mode=False)

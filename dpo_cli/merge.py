@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from dpo_cli.errors import UserError
-from dpo_cli.files import atomic_directory
+from dpo_cli.files import atomic_directory, disk_full_as_user_error, remove_stale_temporaries
 from dpo_cli.output_folder import (
     check_folder_is_ours,
     check_placeable,
@@ -184,6 +184,12 @@ def merged_logit_diff(folder: Path, dtype: str, policy_logits: torch.Tensor, inp
     return float((logits_on(merged, input_ids) - policy_logits).abs().max())
 
 
+def remove_stale_merge_temporaries(output: Path) -> None:
+    """What a merge into `output` that was killed left beside it: `.{name}.{pid}.*.tmp`, as large as the model."""
+    output = Path(output)
+    remove_stale_temporaries(output.parent, re.escape(output.name))
+
+
 def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
     options.check()
     adapter = open_adapter(options.adapter, options.model, console, options.trust_remote_code)
@@ -191,6 +197,7 @@ def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
     if options.base_weights == "nf4" and not adapter.recipe.model.quantize:
         console.print("the adapter was trained on an unquantized base: merging into its original weights")
     with claimed_folder(Path(options.output), "merge", "--output"):  # a second merge into it refuses meanwhile
+        remove_stale_merge_temporaries(Path(options.output))
         diff, merged, dequantized_count = _merge_into(adapter, options)
     console.print(
         f"merged the adapter into {merged} weights ({dequantized_count} NF4 weights dequantized), "
@@ -213,7 +220,10 @@ def _merge_into(adapter: TrainedAdapter, options: MergeOptions) -> tuple[float, 
     plain = load_plain_base(adapter)
     merged, dequantized_count = fold_adapter(policy, plain, options.base_weights)
     plain.to(getattr(torch, options.dtype))
-    with atomic_directory(Path(options.output), replace=True) as staging:
+    with (
+        disk_full_as_user_error(f"the merged model into {options.output}", "rerun merge-adapter"),
+        atomic_directory(Path(options.output), replace=True, owner_in_name=True) as staging,
+    ):
         plain.save_pretrained(staging, max_shard_size=options.shard_bytes)
         tokenizer.save_pretrained(staging)
         mark_folder(staging, "merge")

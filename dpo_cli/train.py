@@ -8,7 +8,9 @@ position, which is what makes `--resume` replay exactly what an uninterrupted ru
 from __future__ import annotations
 
 import math
+import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +19,22 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from dpo_cli import interrupts
 from dpo_cli.batching import collate_padded
-from dpo_cli.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from dpo_cli.checkpoint import (
+    TrainerState,
+    apply_schedule,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    remove_stale_checkpoint_temporaries,
+    save_checkpoint,
+)
 from dpo_cli.config import RECIPE_FILENAME, Recipe
 from dpo_cli.distributed import check_single_process, is_main_process
 from dpo_cli.errors import UserError
 from dpo_cli.evaluate import evaluate_pairs
-from dpo_cli.files import move_files_into, write_text_atomic
+from dpo_cli.files import disk_full_as_user_error, move_files_into, remove_stale_temporaries, write_text_atomic
 from dpo_cli.metrics import MetricsLog, PairMetrics, is_finite
 from dpo_cli.model import (
     IGNORED_RECIPE_TRUST,
@@ -37,10 +48,22 @@ from dpo_cli.objective import score_batch
 from dpo_cli.output_folder import check_folder_is_ours, check_placeable, claimed_folder, honour_umask, is_within
 from dpo_cli.reference import precompute_reference_logps, with_reference
 from dpo_cli.report import write_run_report
+from dpo_cli.resume_settings import (
+    TRAIN_PAIRS,
+    changeable_settings,
+    changed_settings,
+    fixed_settings,
+    refuse_changed_fixed_settings,
+)
 from dpo_cli.tokenization import load_tokenized_split
 from dpo_cli.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
+FINAL_STAGING = "final"
+"""Staging folder of the final adapter files: `.final.{pid}.{random}.tmp` in the output folder."""
+OUR_TEMPORARIES = r"final|metrics\.jsonl|recipe\.yaml|train_summary\.txt|skipped-\w+\.jsonl"
+"""What a killed run may leave as `.NAME.{pid}.{random}.tmp` in its output folder (see files.py)."""
+RESUME_HINT = "rerun with --resume"
 
 
 class TrainingDiverged(UserError):
@@ -49,6 +72,13 @@ class TrainingDiverged(UserError):
 
 class TrainingInterrupted(UserError):
     exit_code = 130
+
+
+def _divergence_hint(recipe: Recipe) -> str:
+    return (
+        f"training stopped, the last good checkpoint is kept. Lower --lr (now {recipe.training.lr:g}) or --beta "
+        f"(now {recipe.dpo.beta:g}), or check the data"
+    )
 
 
 @dataclass
@@ -160,6 +190,12 @@ class Trainer:
         self.trackers = Trackers(self.output_dir, recipe.report, recipe.to_dict())  # a missing package fails here
         if resume and self.resume_from is None:
             self.console.print(f"no checkpoint in {self.output_dir}; starting from the beginning")
+        self._remove_stale_temporaries()
+        self.fixed_settings = fixed_settings(recipe)
+        self.saved_state = None
+        if self.resume_from is not None:  # before any model is loaded: a changed setting fails in seconds
+            self.saved_state = read_state(self.resume_from)
+            refuse_changed_fixed_settings(self.resume_from, self.saved_state.fixed_settings, self.fixed_settings)
         _set_seed(recipe.training.seed)
         self.device = resolve_device(recipe.model.device)
         self.tokenizer = load_tokenizer(recipe.model.path, trust_remote_code)
@@ -171,6 +207,13 @@ class Trainer:
         if recipe.data.eval or recipe.data.eval_split:
             self.eval_pairs, _ = load_tokenized_split(
                 self.tokenizer, recipe.data.eval, max_length, "eval", self.console, recipe.data, self.output_dir
+            )
+        self.fixed_settings[TRAIN_PAIRS] = len(self.train_pairs)
+        if self.saved_state is not None:  # the same files can still give other pairs (a changed tokenizer)
+            refuse_changed_fixed_settings(
+                self.resume_from,
+                self.saved_state.fixed_settings,
+                {TRAIN_PAIRS: self.fixed_settings[TRAIN_PAIRS]},
             )
         base = load_base_model(recipe.model, self.device, trust_remote_code)
         self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
@@ -190,22 +233,50 @@ class Trainer:
         self.stream = DataStream(len(self.train_pairs), recipe.training.batch_size, recipe.training.seed)
         self.total_steps = total_steps(recipe, self.stream)
         warmup = int(recipe.training.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_lambda(step, self.total_steps, warmup, recipe.training.scheduler)
-        )
-        self.state = TrainerState(step=0, micro_batches_done=0, total_steps=self.total_steps)
+
+        def multiplier(step: int) -> float:
+            return lr_lambda(step, self.total_steps, warmup, recipe.training.scheduler)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, multiplier)
+        self.state = self._new_state()
         self.metrics_log = MetricsLog(self.output_dir / METRICS_FILE, self.trackers)
         if self.resume_from is not None:
-            self.state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
-            self.state.total_steps = self.total_steps
-            self.metrics_log.truncate_after(self.state.step)
+            saved = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
+            training = recipe.training
+            apply_schedule(self.optimizer, self.scheduler, training.lr, training.weight_decay, multiplier)
+            self.state.step, self.state.micro_batches_done = saved.step, saved.micro_batches_done
+            self.state.num_tokens = saved.num_tokens
+            with disk_full_as_user_error(f"{self.metrics_log.path}", RESUME_HINT):
+                self.metrics_log.truncate_after(self.state.step)
             self.console.print(f"resuming from {self.resume_from} (step {self.state.step})")
+            changes = changed_settings(saved.changeable_settings, self.state.changeable_settings)
+            if changes:
+                self.console.print(
+                    f"resuming with changed settings, applied from step {saved.step + 1}: " + ", ".join(changes)
+                )
         elif resume:  # a run that died before its first checkpoint: its metric lines would repeat steps
-            self.metrics_log.truncate_after(0)
+            with disk_full_as_user_error(f"{self.metrics_log.path}", RESUME_HINT):
+                self.metrics_log.truncate_after(0)
         n_params = sum(p.numel() for p in params)
         self.console.print(
             f"trainable LoRA parameters: {n_params:,}; {self.total_steps} optimizer steps on {self.device}"
         )
+        interrupts.raise_if_received()  # an interrupt a library swallowed while loading
+
+    def _new_state(self) -> TrainerState:
+        return TrainerState(
+            step=0,
+            micro_batches_done=0,
+            total_steps=self.total_steps,
+            fixed_settings=self.fixed_settings,
+            changeable_settings=changeable_settings(self.recipe),
+        )
+
+    def _remove_stale_temporaries(self) -> None:
+        """What saves killed in an earlier run left (a lock on the folder must be held before this)."""
+        if is_main_process():
+            remove_stale_checkpoint_temporaries(self.output_dir)
+            remove_stale_temporaries(self.output_dir, OUR_TEMPORARIES)
 
     # One optimizer step -------------------------------------------------------------------------------------------
 
@@ -230,8 +301,7 @@ class Trainer:
             loss_sum = float(scores.losses.detach().sum())
             if not is_finite(loss_sum):
                 raise TrainingDiverged(
-                    f"step {self.state.step + 1}: the loss is {loss_sum}; training stopped, the last good checkpoint "
-                    "is kept. Lower --lr or --beta, or check the data"
+                    f"step {self.state.step + 1}: the loss is {loss_sum}; {_divergence_hint(self.recipe)}"
                 )
             # Each pair weighs the same in the step's gradient, however the pairs are split into micro-batches.
             (scores.losses.sum() / pairs_in_step).backward()
@@ -244,8 +314,19 @@ class Trainer:
             )
             tokens += batch.num_tokens
         learning_rate = self.scheduler.get_last_lr()[0]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.recipe.training.max_grad_norm)
+        params = trainable_parameters(self.model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.training.max_grad_norm)
+        if not is_finite(grad_norm):  # clipping cannot rescue it: inf * 0 is nan, and the update would be nan
+            raise TrainingDiverged(
+                f"step {self.state.step + 1}: the gradient norm is {float(grad_norm)}, so the step was not taken; "
+                + _divergence_hint(self.recipe)
+            )
         self.optimizer.step()
+        if not all(bool(torch.isfinite(p).all()) for p in params):  # checked here, so no checkpoint is ever non-finite
+            raise TrainingDiverged(
+                f"step {self.state.step + 1}: the adapter weights became non-finite after the update; "
+                + _divergence_hint(self.recipe)
+            )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
@@ -275,17 +356,23 @@ class Trainer:
         if not is_main_process():
             return None
         training = self.recipe.training
-        path = save_checkpoint(
-            self.output_dir, self.model, self.optimizer, self.scheduler, self.state, training.save_total_limit
-        )
+        with disk_full_as_user_error(f"the checkpoint of step {self.state.step}", RESUME_HINT):
+            path = save_checkpoint(
+                self.output_dir, self.model, self.optimizer, self.scheduler, self.state, training.save_total_limit
+            )
         write_run_report(self.output_dir)  # report.png: the curves so far, at every checkpoint
         return path
+
+    def _write_metrics(self, record: dict) -> None:
+        with disk_full_as_user_error(f"{self.metrics_log.path} (step {record['step']})", RESUME_HINT):
+            self.metrics_log.write(record)
 
     def run(self) -> TrainResult:
         training = self.recipe.training
         result = TrainResult(self.output_dir, self.state.step)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.recipe.save(self.output_dir / RECIPE_FILENAME)
+        with disk_full_as_user_error(str(self.output_dir / RECIPE_FILENAME), "rerun"):
+            self.recipe.save(self.output_dir / RECIPE_FILENAME)
         last_saved = self.state.step
         with _progress(self.console) as progress:
             task = progress.add_task(
@@ -293,10 +380,11 @@ class Trainer:
             )
             try:
                 while self.state.step < self.total_steps:
+                    interrupts.raise_if_received()  # in case a library swallowed the KeyboardInterrupt
                     record = self.train_step()
                     if self.eval_pairs and training.eval_steps and self.state.step % training.eval_steps == 0:
                         record.update(self.evaluate())
-                    self.metrics_log.write(record)
+                    self._write_metrics(record)
                     result.records.append(record)
                     progress.update(
                         task,
@@ -312,16 +400,18 @@ class Trainer:
                 progress.stop()
                 if self.state.step > last_saved:
                     self.save_checkpoint()
+                signal_name = interrupts.received() or "SIGINT"
                 raise TrainingInterrupted(
-                    f"interrupted at step {self.state.step}; checkpoint saved in {self.output_dir}, "
+                    f"interrupted at step {self.state.step} by {signal_name}; checkpoint saved in {self.output_dir}, "
                     "continue with the same command and --resume"
                 ) from None
         if self.state.step > last_saved:
             self.save_checkpoint()
         if self.eval_pairs:
             result.final_eval = self.evaluate()
-            self.metrics_log.write({"step": self.state.step, **result.final_eval})
-        self.save_final()
+            self._write_metrics({"step": self.state.step, **result.final_eval})
+        with disk_full_as_user_error(f"the final adapter into {self.output_dir}", RESUME_HINT):
+            self.save_final()
         write_run_report(self.output_dir)  # with the final evaluation
         result.steps = self.state.step
         return result
@@ -330,8 +420,7 @@ class Trainer:
         """The standard PEFT adapter folder, plus tokenizer and resolved recipe, each file renamed into place."""
         if not is_main_process():
             return
-        staging = self.output_dir / ".final.tmp"
-        staging.mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=f".{FINAL_STAGING}.{os.getpid()}.", suffix=".tmp"))
         self.model.save_pretrained(staging)
         self.tokenizer.save_pretrained(staging)
         honour_umask(staging)
