@@ -24,6 +24,7 @@ FORMAT_HELP = "Data format: auto, explicit, hh-rlhf, conversational, openai, sha
 COLUMNS_HELP = "Map names: prompt=question,chosen=response_j,rejected=response_k."
 ON_INVALID_HELP = "error: stop at the first bad record; skip: set bad records aside, count and write them."
 CHAT_TEMPLATE_HELP = "Jinja chat template file for conversational data when the tokenizer has none."
+LAYOUT_HELP = "Batch layout: padded (TRL's), packed (no padding), shared-prompt (each prompt once) or auto."
 data_app = typer.Typer(help="Look at preference data before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -45,6 +46,7 @@ def _overrides_from_flags(**flags) -> dict[str, dict]:
         "on_invalid": ("data", "on_invalid"),
         "chat_template": ("data", "chat_template"),
         "eval_split": ("data", "eval_split"),
+        "layout": ("data", "layout"),
         "output_dir": ("training", "output_dir"),
         "max_steps": ("training", "max_steps"),
         "epochs": ("training", "epochs"),
@@ -83,6 +85,7 @@ def train(
     chat_template: Path | None = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
     eval_split: float | None = typer.Option(None, "--eval-split", help="Without --eval-data: hold out this fraction."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for data order and initialisation."),
+    layout: str | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Train LoRA on a bf16/fp32 base instead of 4-bit."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output-dir."),
     set_: list[str] | None = typer.Option(None, "--set", help="Any recipe key: --set section.key=value (repeatable)."),
@@ -109,6 +112,7 @@ def train(
         chat_template=str(chat_template) if chat_template is not None else None,
         eval_split=eval_split,
         seed=seed,
+        layout=layout,
     )
     if no_quantize:
         overrides.setdefault("model", {})["quantize"] = False

@@ -83,6 +83,9 @@ class DataSection:
     """With no eval files: hold out this fraction of the training pairs (the same ones for the same data) as eval."""
     cache_dir: str = ""
     """Where prepared (tokenized) data is kept between runs; empty: $DPO_CLI_CACHE or ~/.cache/dpo-cli."""
+    layout: str = "padded"
+    """How a micro-batch's sequences sit in rows: padded (TRL's, one sequence per row), packed (end to end, no
+    padding), shared-prompt (each prompt once, [prompt | chosen | rejected]) or auto. Same numbers in every layout."""
 
     def __post_init__(self):
         from dpo_cli.data import ON_INVALID_CHOICES  # late: data pulls in the readers, configs load without them
@@ -91,6 +94,7 @@ class DataSection:
         _check_positive("data.max_length", self.max_length)
         _check_choice("data.format", self.format, FORMAT_CHOICES)
         _check_choice("data.on_invalid", self.on_invalid, ON_INVALID_CHOICES)
+        _check_choice("data.layout", self.layout, ("auto", "padded", "packed", "shared-prompt"))
         parse_columns(self.columns)
         if not 0.0 <= self.eval_split < 1.0:
             raise UserError(f"recipe key data.eval_split: {self.eval_split} is outside [0, 1); e.g. 0.05")

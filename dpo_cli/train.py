@@ -17,7 +17,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dpo_cli.batching import collate_padded
+from dpo_cli.attention import resolve_layout
+from dpo_cli.batching import collate
 from dpo_cli.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from dpo_cli.config import RECIPE_FILENAME, Recipe
 from dpo_cli.distributed import check_single_process, is_main_process
@@ -143,6 +144,9 @@ class Trainer:
         base = load_base_model(recipe.model, self.device)
         self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
         self.model.train()
+        self.layout, fallback_note = resolve_layout(recipe.data.layout, self.model, max_length, self.device)
+        if fallback_note:
+            self.console.print(fallback_note)
         self.train_ref_logps = None  # (num_pairs, 2) with dpo.precompute_ref: the steps then skip the reference pass
         if recipe.dpo.precompute_ref:
             self.train_ref_logps = precompute_reference_logps(
@@ -152,6 +156,7 @@ class Trainer:
                 recipe.dpo,
                 recipe.training.eval_batch_size,
                 self.console,
+                layout=self.layout,
             )
         params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(params, lr=recipe.training.lr, weight_decay=recipe.training.weight_decay)
@@ -193,7 +198,7 @@ class Trainer:
         metrics = PairMetrics()
         tokens = 0
         for indices in batches:
-            batch = collate_padded(self._pairs(indices), self.tokenizer.pad_token_id).to(self.device)
+            batch = collate(self.layout, self._pairs(indices), self.tokenizer.pad_token_id).to(self.device)
             scores = score_batch(self.model, batch, self.recipe.dpo)
             loss_sum = float(scores.losses.detach().sum())
             if not is_finite(loss_sum):
@@ -235,7 +240,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         training = self.recipe.training
         metrics = evaluate_pairs(
-            self.model, self.eval_pairs, self.tokenizer.pad_token_id, self.recipe.dpo, training.eval_batch_size
+            self.model,
+            self.eval_pairs,
+            self.tokenizer.pad_token_id,
+            self.recipe.dpo,
+            training.eval_batch_size,
+            layout=self.layout,
         )
         return {f"eval_{key}": value for key, value in metrics.items()}
 

@@ -287,3 +287,78 @@ def test_a_plain_llama_runs_every_layout(tiny_setup):
     model, _, _ = tiny_setup
     for layout in ("padded", "packed", "shared-prompt"):
         assert resolve_layout(layout, model, max_length=64, device=torch.device("cpu")) == (layout, None)
+
+
+# The setting, through training ---------------------------------------------------------------------------------------
+
+
+def test_the_layout_setting_is_checked_and_reached_by_the_flag():
+    from dpo_cli.cli import _overrides_from_flags
+    from dpo_cli.config import recipe_from_dict
+    from dpo_cli.errors import UserError
+
+    assert recipe_from_dict({}).data.layout == "padded"
+    assert _overrides_from_flags(layout="shared-prompt") == {"data": {"layout": "shared-prompt"}}
+    with pytest.raises(UserError, match="data.layout: 'packd' is not one of auto, padded, packed, shared-prompt"):
+        recipe_from_dict({"data": {"layout": "packd"}})
+
+
+def _three_steps(tiny_demo, output_dir, layout, **dpo):
+    """(per-step records, eval metrics, the layout run) of 3 steps of 2 micro-batches on the 4-bit tiny demo."""
+    from rich.console import Console
+
+    from dpo_cli.config import recipe_from_dict
+    from dpo_cli.train import Trainer
+
+    recipe = recipe_from_dict(
+        {
+            "model": {"path": str(tiny_demo["model"]), "gradient_checkpointing": False},
+            "data": {"train": [str(tiny_demo["train"])], "eval": [str(tiny_demo["test"])], "layout": layout},
+            "training": {
+                "output_dir": str(output_dir),
+                "max_steps": 3,
+                "batch_size": 4,
+                "grad_accum": 2,
+                "eval_batch_size": 5,
+                "lr": 1e-2,
+                "save_steps": 0,
+            },
+            "dpo": {"beta": 0.5, **dpo},
+        }
+    )
+    trainer = Trainer(recipe, console=Console(quiet=True))
+    records = [trainer.train_step() for _ in range(3)]
+    return records, trainer.evaluate(), trainer.layout
+
+
+@pytest.mark.parametrize(
+    ("layout", "dpo"),
+    [("packed", {}), ("shared-prompt", {}), ("shared-prompt", {"ld_alpha": 0.5, "precompute_ref": True})],
+    ids=["packed", "shared-prompt", "shared-prompt-ld-precomputed"],
+)
+def test_training_steps_and_eval_equal_the_padded_layout(tiny_demo, tmp_path, monkeypatch, layout, dpo):
+    from dpo_cli import evaluate, reference, train
+
+    padded, padded_eval, _ = _three_steps(tiny_demo, tmp_path / "padded", "padded", **dpo)
+    collated = {}  # module -> layouts its batches were built in
+
+    def spy(module):
+        def collate_and_note(chosen_layout, *args):
+            collated.setdefault(module.__name__, set()).add(chosen_layout)
+            return collate(chosen_layout, *args)
+
+        monkeypatch.setattr(module, "collate", collate_and_note)
+
+    for module in (train, evaluate) + ((reference,) if dpo.get("precompute_ref") else ()):
+        spy(module)
+    ours, our_eval, ran = _three_steps(tiny_demo, tmp_path / layout, layout, **dpo)
+    assert ran == layout
+    assert all(layouts == {layout} for layouts in collated.values()), collated
+    assert len(collated) == (3 if dpo.get("precompute_ref") else 2), "steps, eval (and the reference) use it"
+    for step_padded, step_ours in zip(padded, ours, strict=True):
+        assert step_ours["num_tokens"] == step_padded["num_tokens"], "tokens/s counts the same tokens"
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert step_ours[key] == pytest.approx(step_padded[key], rel=1e-4, abs=1e-6), (step_ours["step"], key)
+    assert padded[-1]["loss"] < padded[0]["loss"], "the policy moves, so later steps compare a trained adapter"
+    for key, value in padded_eval.items():
+        assert our_eval[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
