@@ -86,18 +86,20 @@ def unsupported_reason(model, max_length: int) -> str | None:
     return None
 
 
-def resolve_layout(requested: str, model, max_length: int, device: torch.device) -> tuple[str, str | None]:
-    """(the layout to run, a one-line note when it is not the one asked for).
+# What `auto` runs when the model can take the mask. Measured on CPU (bench/bench_layouts.py, stories260K 4-bit,
+# HH-RLHF helpful-base at max_length 512, 8 pairs per micro-batch): shared-prompt 1.7-2.1x padded's speed per
+# micro-batch, packed 1.5-2.2x, same losses. Not yet measured on GPU.
+AUTO_LAYOUT = "shared-prompt"
 
-    `auto` is padded for now: on CPU (sdpa, dense mask) packed and shared-prompt measured no faster than padded on
-    stories260K (see bench/RESULTS.md); they are opt-in until a backend is measured faster."""
-    if requested == "auto":
-        return "padded", None
-    if requested not in LAYOUTS:
+
+def resolve_layout(requested: str, model, max_length: int) -> tuple[str, str | None]:
+    """(the layout to run, a one-line note when it is not the one asked for and why)."""
+    if requested not in ("auto", *LAYOUTS):
         raise ValueError(f"unknown layout {requested!r}")
-    if requested == "padded":
+    wanted = AUTO_LAYOUT if requested == "auto" else requested
+    if wanted == "padded":
         return "padded", None
     reason = unsupported_reason(model, max_length)
     if reason is not None:
-        return "padded", f"layout {requested} falls back to padded: {reason}"
-    return requested, None
+        return "padded", f"layout {requested} runs padded: {reason}"
+    return wanted, None

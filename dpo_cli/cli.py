@@ -24,7 +24,9 @@ FORMAT_HELP = "Data format: auto, explicit, hh-rlhf, conversational, openai, sha
 COLUMNS_HELP = "Map names: prompt=question,chosen=response_j,rejected=response_k."
 ON_INVALID_HELP = "error: stop at the first bad record; skip: set bad records aside, count and write them."
 CHAT_TEMPLATE_HELP = "Jinja chat template file for conversational data when the tokenizer has none."
-LAYOUT_HELP = "Batch layout: padded (TRL's), packed (no padding), shared-prompt (each prompt once) or auto."
+LAYOUT_HELP = (
+    "Batch layout: auto (default: shared-prompt where the model allows it), padded (TRL's), packed or shared-prompt."
+)
 data_app = typer.Typer(help="Look at preference data before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

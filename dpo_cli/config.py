@@ -83,9 +83,10 @@ class DataSection:
     """With no eval files: hold out this fraction of the training pairs (the same ones for the same data) as eval."""
     cache_dir: str = ""
     """Where prepared (tokenized) data is kept between runs; empty: $DPO_CLI_CACHE or ~/.cache/dpo-cli."""
-    layout: str = "padded"
+    layout: str = "auto"
     """How a micro-batch's sequences sit in rows: padded (TRL's, one sequence per row), packed (end to end, no
-    padding), shared-prompt (each prompt once, [prompt | chosen | rejected]) or auto. Same numbers in every layout."""
+    padding), shared-prompt (each prompt once, [prompt | chosen | rejected]) or auto (shared-prompt where the model's
+    attention can take its mask, else padded). Same numbers in every layout, to float rounding."""
 
     def __post_init__(self):
         from dpo_cli.data import ON_INVALID_CHOICES  # late: data pulls in the readers, configs load without them

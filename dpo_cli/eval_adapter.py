@@ -115,7 +115,7 @@ def run_eval(options: EvalOptions, console: Console) -> dict:
         tokenizer, paths, max_length, "eval", console, reading, _skipped_records_dir(options), with_sources=True
     )
     model = load_policy(adapter)
-    layout, fallback_note = resolve_layout(recipe.data.layout, model, max_length, next(model.parameters()).device)
+    layout, fallback_note = resolve_layout(recipe.data.layout, model, max_length)
     if fallback_note:
         console.print(fallback_note)
 

@@ -144,7 +144,7 @@ class Trainer:
         base = load_base_model(recipe.model, self.device)
         self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
         self.model.train()
-        self.layout, fallback_note = resolve_layout(recipe.data.layout, self.model, max_length, self.device)
+        self.layout, fallback_note = resolve_layout(recipe.data.layout, self.model, max_length)
         if fallback_note:
             self.console.print(fallback_note)
         self.train_ref_logps = None  # (num_pairs, 2) with dpo.precompute_ref: the steps then skip the reference pass

@@ -276,9 +276,10 @@ def test_a_short_sliding_window_falls_back_to_padded_with_the_reason():
         sliding_window=32,
     )
     model = MistralForCausalLM(config)
-    layout, note = resolve_layout("packed", model, max_length=128, device=torch.device("cpu"))
+    layout, note = resolve_layout("packed", model, max_length=128)
     assert layout == "padded"
-    assert "sliding-window" in note and "32" in note
+    assert note.startswith("layout packed runs padded: ") and "sliding-window" in note and "32" in note
+    assert resolve_layout("auto", model, max_length=128)[0] == "padded"
     # A window no sequence can reach never bites, so the mask loses nothing.
     assert unsupported_reason(model, max_length=32) is None
 
@@ -286,7 +287,8 @@ def test_a_short_sliding_window_falls_back_to_padded_with_the_reason():
 def test_a_plain_llama_runs_every_layout(tiny_setup):
     model, _, _ = tiny_setup
     for layout in ("padded", "packed", "shared-prompt"):
-        assert resolve_layout(layout, model, max_length=64, device=torch.device("cpu")) == (layout, None)
+        assert resolve_layout(layout, model, max_length=64) == (layout, None)
+    assert resolve_layout("auto", model, max_length=64) == ("shared-prompt", None)
 
 
 # The setting, through training ---------------------------------------------------------------------------------------
@@ -297,13 +299,13 @@ def test_the_layout_setting_is_checked_and_reached_by_the_flag():
     from dpo_cli.config import recipe_from_dict
     from dpo_cli.errors import UserError
 
-    assert recipe_from_dict({}).data.layout == "padded"
+    assert recipe_from_dict({}).data.layout == "auto"
     assert _overrides_from_flags(layout="shared-prompt") == {"data": {"layout": "shared-prompt"}}
     with pytest.raises(UserError, match="data.layout: 'packd' is not one of auto, padded, packed, shared-prompt"):
         recipe_from_dict({"data": {"layout": "packd"}})
 
 
-def _three_steps(tiny_demo, output_dir, layout, **dpo):
+def _three_steps(tiny_demo, output_dir, layout, checkpointing=False, **dpo):
     """(per-step records, eval metrics, the layout run) of 3 steps of 2 micro-batches on the 4-bit tiny demo."""
     from rich.console import Console
 
@@ -312,7 +314,7 @@ def _three_steps(tiny_demo, output_dir, layout, **dpo):
 
     recipe = recipe_from_dict(
         {
-            "model": {"path": str(tiny_demo["model"]), "gradient_checkpointing": False},
+            "model": {"path": str(tiny_demo["model"]), "gradient_checkpointing": checkpointing},
             "data": {"train": [str(tiny_demo["train"])], "eval": [str(tiny_demo["test"])], "layout": layout},
             "training": {
                 "output_dir": str(output_dir),
@@ -333,8 +335,13 @@ def _three_steps(tiny_demo, output_dir, layout, **dpo):
 
 @pytest.mark.parametrize(
     ("layout", "dpo"),
-    [("packed", {}), ("shared-prompt", {}), ("shared-prompt", {"ld_alpha": 0.5, "precompute_ref": True})],
-    ids=["packed", "shared-prompt", "shared-prompt-ld-precomputed"],
+    [
+        ("packed", {}),
+        ("shared-prompt", {}),
+        ("shared-prompt", {"ld_alpha": 0.5, "precompute_ref": True}),
+        ("shared-prompt", {"use_weighting": True, "checkpointing": True}),  # the mask reaches recomputed layers
+    ],
+    ids=["packed", "shared-prompt", "shared-prompt-ld-precomputed", "shared-prompt-wpo-checkpointing"],
 )
 def test_training_steps_and_eval_equal_the_padded_layout(tiny_demo, tmp_path, monkeypatch, layout, dpo):
     from dpo_cli import evaluate, reference, train
