@@ -255,7 +255,7 @@ def collate_shared_prompt(
     units = [_shared_prompt_unit(pair, i, len(pairs)) for i, pair in enumerate(pairs)]
     batch = _collate_units(units, pairs, pad_token_id, row_tokens)
     batch.sequence_tokens = sum(
-        2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"]) for pair in pairs
+        pair_tokens(len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"])) for pair in pairs
     )
     return batch
 
@@ -269,6 +269,32 @@ def collate(layout: str, pairs: Sequence[Mapping[str, list[int]]], pad_token_id:
     if layout == "shared-prompt":
         return collate_shared_prompt(pairs, pad_token_id)
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def pair_tokens(prompt_length: int, chosen_length: int, rejected_length: int) -> int:
+    """Tokens of a pair's two sequences, prompt+chosen and prompt+rejected: what a token budget counts."""
+    return 2 * prompt_length + chosen_length + rejected_length
+
+
+def token_budget_batches(tokens_per_pair: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Micro-batches of pair indices holding up to `max_tokens` tokens each (a longer pair goes alone), pairs taken
+    shortest first so each micro-batch's sequences are alike in length (little padding, even packed rows).
+
+    A function of the lengths alone, so the same data gives the same micro-batches in every epoch and on resume;
+    the training stream orders them with the epoch's seed."""
+    order = sorted(range(len(tokens_per_pair)), key=lambda i: (tokens_per_pair[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index in order:
+        if current and used + tokens_per_pair[index] > max_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += tokens_per_pair[index]
+    if current:
+        batches.append(current)
+    return batches
 
 
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")

@@ -24,6 +24,7 @@ FORMAT_HELP = "Data format: auto, explicit, hh-rlhf, conversational, openai, sha
 COLUMNS_HELP = "Map names: prompt=question,chosen=response_j,rejected=response_k."
 ON_INVALID_HELP = "error: stop at the first bad record; skip: set bad records aside, count and write them."
 CHAT_TEMPLATE_HELP = "Jinja chat template file for conversational data when the tokenizer has none."
+TOKEN_BUDGET_HELP = "Micro-batches of up to N tokens of similar-length pairs, instead of --batch-size pairs."
 LAYOUT_HELP = (
     "Batch layout: auto (default: shared-prompt where the model allows it), padded (TRL's), packed or shared-prompt."
 )
@@ -49,6 +50,7 @@ def _overrides_from_flags(**flags) -> dict[str, dict]:
         "chat_template": ("data", "chat_template"),
         "eval_split": ("data", "eval_split"),
         "layout": ("data", "layout"),
+        "max_tokens_per_batch": ("training", "max_tokens_per_batch"),
         "output_dir": ("training", "output_dir"),
         "max_steps": ("training", "max_steps"),
         "epochs": ("training", "epochs"),
@@ -88,6 +90,7 @@ def train(
     eval_split: float | None = typer.Option(None, "--eval-split", help="Without --eval-data: hold out this fraction."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for data order and initialisation."),
     layout: str | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
+    max_tokens_per_batch: int | None = typer.Option(None, "--max-tokens-per-batch", help=TOKEN_BUDGET_HELP),
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Train LoRA on a bf16/fp32 base instead of 4-bit."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output-dir."),
     set_: list[str] | None = typer.Option(None, "--set", help="Any recipe key: --set section.key=value (repeatable)."),
@@ -115,6 +118,7 @@ def train(
         eval_split=eval_split,
         seed=seed,
         layout=layout,
+        max_tokens_per_batch=max_tokens_per_batch,
     )
     if no_quantize:
         overrides.setdefault("model", {})["quantize"] = False

@@ -126,11 +126,15 @@ class TrainingSection:
     eval_steps: int = 0
     """Evaluate on `data.eval` every N steps (0: only at the end)."""
     eval_batch_size: int = 8
+    max_tokens_per_batch: int = 0
+    """0: micro-batches of `batch_size` pairs. N: micro-batches of up to N tokens (prompt+chosen + prompt+rejected
+    per pair), pairs of similar length together, the same micro-batches each epoch in a seeded order. The loss is
+    still the mean over the pairs of an optimizer step."""
 
     def __post_init__(self):
         for key in ("batch_size", "grad_accum", "eval_batch_size"):
             _check_positive(f"training.{key}", getattr(self, key))
-        for key in ("max_steps", "save_steps", "eval_steps", "save_total_limit"):
+        for key in ("max_steps", "save_steps", "eval_steps", "save_total_limit", "max_tokens_per_batch"):
             if getattr(self, key) < 0:
                 raise UserError(f"recipe key training.{key}: {getattr(self, key)} is negative; use 0 or more")
         if self.max_steps == 0 and self.epochs <= 0:

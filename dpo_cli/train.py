@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dpo_cli.attention import resolve_layout
-from dpo_cli.batching import collate
+from dpo_cli.batching import collate, pair_tokens, token_budget_batches
 from dpo_cli.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from dpo_cli.config import RECIPE_FILENAME, Recipe
 from dpo_cli.distributed import check_single_process, is_main_process
@@ -28,7 +28,7 @@ from dpo_cli.files import move_files_into, write_text_atomic
 from dpo_cli.metrics import MetricsLog, PairMetrics, is_finite
 from dpo_cli.model import add_lora, load_base_model, load_tokenizer, resolve_device, trainable_parameters
 from dpo_cli.objective import score_batch
-from dpo_cli.reference import precompute_reference_logps, with_reference
+from dpo_cli.reference import PAIR_KEYS, precompute_reference_logps, with_reference
 from dpo_cli.tokenization import load_tokenized_split
 
 METRICS_FILE = "metrics.jsonl"
@@ -52,20 +52,41 @@ class TrainResult:
 
 @dataclass
 class DataStream:
-    """Micro-batch m of the endless stream is micro-batch (m mod per_epoch) of epoch (m div per_epoch)."""
+    """Micro-batch m of the endless stream is micro-batch (m mod per_epoch) of epoch (m div per_epoch).
+
+    Each epoch shuffles the pairs into `batch_size` slices, or, with `budget_batches` (--max-tokens-per-batch),
+    shuffles the order of those fixed micro-batches."""
 
     num_pairs: int
     batch_size: int
     seed: int
+    budget_batches: list[list[int]] | None = None
 
     @property
     def per_epoch(self) -> int:
+        if self.budget_batches is not None:
+            return len(self.budget_batches)
         return math.ceil(self.num_pairs / self.batch_size)
 
     def indices(self, micro_batch: int) -> list[int]:
         epoch, position = divmod(micro_batch, self.per_epoch)
-        order = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.budget_batches is not None:
+            order = torch.randperm(self.per_epoch, generator=generator)
+            return list(self.budget_batches[int(order[position])])
+        order = torch.randperm(self.num_pairs, generator=generator)
         return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
+
+
+def tokens_per_pair(pairs) -> list[int]:
+    """`pair_tokens` of each pair of a tokenized split, read column-wise (a list of lists per row would not fit)."""
+    import pyarrow.compute as pc
+
+    counts: list[int] = []
+    for table in pairs.with_format("arrow").iter(batch_size=8192):
+        lengths = [pc.list_value_length(table.column(key)).to_numpy() for key in PAIR_KEYS]
+        counts.extend(int(n) for n in pair_tokens(*lengths))
+    return counts
 
 
 def total_steps(recipe: Recipe, stream: DataStream) -> int:
@@ -160,7 +181,11 @@ class Trainer:
             )
         params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(params, lr=recipe.training.lr, weight_decay=recipe.training.weight_decay)
-        self.stream = DataStream(len(self.train_pairs), recipe.training.batch_size, recipe.training.seed)
+        budget = recipe.training.max_tokens_per_batch
+        budget_batches = token_budget_batches(tokens_per_pair(self.train_pairs), budget) if budget else None
+        self.stream = DataStream(
+            len(self.train_pairs), recipe.training.batch_size, recipe.training.seed, budget_batches
+        )
         self.total_steps = total_steps(recipe, self.stream)
         warmup = int(recipe.training.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
