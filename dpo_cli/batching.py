@@ -84,14 +84,18 @@ class PreferenceBatch:
             causal = torch.ones(real.shape[1], real.shape[1], dtype=torch.bool, device=real.device).tril()
             allowed = causal & real[:, None, :] & real[:, :, None]
         else:
+            # Built in place: at a long shared-prompt row's width, each (R, T, T) temporary is the mask's own size.
             segment, branch = self.segment_ids, self.branch_ids
             width = segment.shape[1]
-            causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
-            same_segment = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-            key_branch, query_branch = branch[:, None, :], branch[:, :, None]
-            visible_branch = (key_branch == SHARED) | (key_branch == query_branch)
-            allowed = causal & same_segment & visible_branch
-        return allowed | torch.eye(allowed.shape[1], dtype=torch.bool, device=allowed.device)
+            allowed = segment[:, :, None] == segment[:, None, :]
+            allowed &= segment[:, :, None] >= 0
+            allowed &= torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+            visible_branch = branch[:, None, :] == branch[:, :, None]
+            visible_branch |= branch[:, None, :] == SHARED
+            allowed &= visible_branch
+            del visible_branch
+        allowed |= torch.eye(allowed.shape[1], dtype=torch.bool, device=allowed.device)
+        return allowed
 
 
 def collate_padded(pairs: Sequence[Mapping[str, list[int]]], pad_token_id: int) -> PreferenceBatch:
