@@ -86,9 +86,9 @@ def unsupported_reason(model, max_length: int) -> str | None:
     return None
 
 
-# What `auto` runs when the model can take the mask. Measured on CPU (bench/bench_layouts.py, stories260K 4-bit,
-# HH-RLHF helpful-base at max_length 512, 8 pairs per micro-batch): shared-prompt 1.7-2.1x padded's speed per
-# micro-batch, packed 1.5-2.2x, same losses. Not yet measured on GPU.
+# What `auto` runs when the model can take the mask. Measured on CPU (bench/RESULTS.md, "Batch layouts":
+# stories260K 4-bit, HH-RLHF helpful-base at max_length 512, 8 pairs per micro-batch): a micro-batch ran 1.9-2.0x
+# as fast as padded in shared-prompt and 1.7-1.8x in packed, with the same losses. Not yet measured on a GPU.
 AUTO_LAYOUT = "shared-prompt"
 
 
