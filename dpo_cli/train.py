@@ -79,7 +79,7 @@ class DataStream:
 
 
 def tokens_per_pair(pairs) -> list[int]:
-    """`pair_tokens` of each pair of a tokenized split, read column-wise (a list of lists per row would not fit)."""
+    """`pair_tokens` of each pair of a tokenized split, from Arrow list lengths: no token id becomes a Python int."""
     import pyarrow.compute as pc
 
     counts: list[int] = []

@@ -133,6 +133,7 @@ def test_precomputed_reference_travels_in_every_layout():
         assert batch.ref_rejected_logps.tolist() == [-2.5, -3.5], layout
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: no compiler
 def test_flex_block_mask_is_the_same_rule():
     """The BlockMask's mask_mod, evaluated at every (query, key), is `attention_allowed()`; and flex attention with it
     equals sdpa with the dense mask (uncompiled flex, forward only: CPU flex has no backward)."""
