@@ -27,6 +27,10 @@ ON_INVALID_HELP = "error: stop at the first bad record; skip: set bad records as
 CHAT_TEMPLATE_HELP = "Jinja chat template file for conversational data when the tokenizer has none."
 TRUST_HELP = "Run the model's own Python code (auto_map) if it has any; only this flag allows it, never a recipe."
 REPORT_TO_HELP = "Also log to tensorboard and/or wandb (repeatable or comma-separated); default: none."
+TOKEN_BUDGET_HELP = "Micro-batches of up to N tokens of similar-length pairs, instead of --batch-size pairs."
+LAYOUT_HELP = (
+    "Batch layout: auto (default: shared-prompt where the model allows it), padded (TRL's), packed or shared-prompt."
+)
 data_app = typer.Typer(help="Look at preference data before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -48,6 +52,8 @@ def _overrides_from_flags(**flags) -> dict[str, dict]:
         "on_invalid": ("data", "on_invalid"),
         "chat_template": ("data", "chat_template"),
         "eval_split": ("data", "eval_split"),
+        "layout": ("data", "layout"),
+        "max_tokens_per_batch": ("training", "max_tokens_per_batch"),
         "output_dir": ("training", "output_dir"),
         "max_steps": ("training", "max_steps"),
         "epochs": ("training", "epochs"),
@@ -89,6 +95,8 @@ def train(
     chat_template: Path | None = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
     eval_split: float | None = typer.Option(None, "--eval-split", help="Without --eval-data: hold out this fraction."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for data order and initialisation."),
+    layout: str | None = typer.Option(None, "--layout", help=LAYOUT_HELP),
+    max_tokens_per_batch: int | None = typer.Option(None, "--max-tokens-per-batch", help=TOKEN_BUDGET_HELP),
     no_quantize: bool = typer.Option(False, "--no-quantize", help="Train LoRA on a bf16/fp32 base instead of 4-bit."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output-dir."),
     report_to: list[str] | None = typer.Option(None, "--report-to", help=REPORT_TO_HELP),
@@ -128,6 +136,8 @@ def train(
         report_to=report_to,
         project=project,
         run_name=run_name,
+        layout=layout,
+        max_tokens_per_batch=max_tokens_per_batch,
     )
     if no_quantize:
         overrides.setdefault("model", {})["quantize"] = False

@@ -83,6 +83,10 @@ class DataSection:
     """With no eval files: hold out this fraction of the training pairs (the same ones for the same data) as eval."""
     cache_dir: str = ""
     """Where prepared (tokenized) data is kept between runs; empty: $DPO_CLI_CACHE or ~/.cache/dpo-cli."""
+    layout: str = "auto"
+    """How a micro-batch's sequences sit in rows: padded (TRL's, one sequence per row), packed (end to end, no
+    padding), shared-prompt (each prompt once, [prompt | chosen | rejected]) or auto (shared-prompt where the model's
+    attention can take its mask, else padded). Same numbers in every layout, to float rounding."""
 
     def __post_init__(self):
         from dpo_cli.data import ON_INVALID_CHOICES  # late: data pulls in the readers, configs load without them
@@ -91,6 +95,7 @@ class DataSection:
         _check_positive("data.max_length", self.max_length)
         _check_choice("data.format", self.format, FORMAT_CHOICES)
         _check_choice("data.on_invalid", self.on_invalid, ON_INVALID_CHOICES)
+        _check_choice("data.layout", self.layout, ("auto", "padded", "packed", "shared-prompt"))
         parse_columns(self.columns)
         if not 0.0 <= self.eval_split < 1.0:
             raise UserError(f"recipe key data.eval_split: {self.eval_split} is outside [0, 1); e.g. 0.05")
@@ -121,11 +126,15 @@ class TrainingSection:
     eval_steps: int = 0
     """Evaluate on `data.eval` every N steps (0: only at the end)."""
     eval_batch_size: int = 8
+    max_tokens_per_batch: int = 0
+    """0: micro-batches of `batch_size` pairs. N: micro-batches of up to N tokens (prompt+chosen + prompt+rejected
+    per pair), pairs of similar length together, the same micro-batches each epoch in a seeded order. The loss is
+    still the mean over the pairs of an optimizer step."""
 
     def __post_init__(self):
         for key in ("batch_size", "grad_accum", "eval_batch_size"):
             _check_positive(f"training.{key}", getattr(self, key))
-        for key in ("max_steps", "save_steps", "eval_steps", "save_total_limit"):
+        for key in ("max_steps", "save_steps", "eval_steps", "save_total_limit", "max_tokens_per_batch"):
             if getattr(self, key) < 0:
                 raise UserError(f"recipe key training.{key}: {getattr(self, key)} is negative; use 0 or more")
         if self.max_steps == 0 and self.epochs <= 0:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dpo_cli.attention import resolve_layout
 from dpo_cli.errors import UserError
 from dpo_cli.evaluate import evaluate_pairs
 from dpo_cli.files import write_text_atomic
@@ -183,10 +184,15 @@ def run_eval(options: EvalOptions, console: Console) -> dict:
     if summary.skipped and skipped_dir is None:
         _print_skipped_places(summary, console)
     model = load_policy(adapter)
+    layout, fallback_note = resolve_layout(recipe.data.layout, model, max_length)
+    if fallback_note:
+        console.print(fallback_note)
 
     per_pair: list[dict] | None = [] if options.per_example is not None else None
     with _advancing("eval", len(pairs), console) as advance:
-        metrics = evaluate_pairs(model, pairs, tokenizer.pad_token_id, recipe.dpo, batch_size, advance, per_pair)
+        metrics = evaluate_pairs(
+            model, pairs, tokenizer.pad_token_id, recipe.dpo, batch_size, advance, per_pair, layout=layout
+        )
     console.print(metrics_table(metrics, f"{adapter.path} on {len(pairs)} pairs (beta {recipe.dpo.beta})"))
 
     result = {

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dpo_cli.batching import collate_padded
+from dpo_cli.batching import collate
 from dpo_cli.config import DpoSection
 from dpo_cli.metrics import PairMetrics
 from dpo_cli.objective import score_batch
@@ -24,6 +24,7 @@ def evaluate_pairs(
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
     per_pair: list[dict] | None = None,
+    layout: str = "padded",
 ) -> dict[str, float]:
     """Metrics over `pairs`; with `per_pair` a list, one row per pair (rewards, margin, ranked right) is appended."""
     device = next(model.parameters()).device
@@ -34,7 +35,7 @@ def evaluate_pairs(
         with torch.no_grad():
             for start in range(0, len(pairs), batch_size):
                 chunk = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
-                batch = collate_padded(chunk, pad_token_id).to(device)
+                batch = collate(layout, chunk, pad_token_id).to(device)
                 scores = score_batch(model, batch, dpo)
                 metrics.add(
                     scores.losses,

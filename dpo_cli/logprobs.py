@@ -6,7 +6,7 @@ token (the log-partition) for backward, and recomputes each chunk's logits there
 `(chunk, vocab)` float32 block instead of the whole `(batch, seq, vocab)` logits and their gradient, which for a
 7B model with a 128k vocabulary at 2x1024 tokens is the difference between 1 GiB and 20+ MiB.
 
-This module imports only torch: the backbone and LM head are passed in.
+This module imports only torch and the layouts' attention masks: the backbone and LM head are passed in.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from dpo_cli.attention import model_attention_mask
 
 # Elements of one (chunk, vocab) float32 logits block: 2**24 floats = 64 MiB, e.g. 128 tokens of a 128k vocabulary.
 DEFAULT_CHUNK_ELEMENTS = 2**24
@@ -150,7 +152,7 @@ def completion_logps(
     With `with_sum_sq`, also log Σ_v p_v² per scored token (what WPO's weights need), at no extra matmul."""
     hidden_states = backbone(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=model_attention_mask(batch, backbone),  # the packed layouts' block mask, explicit
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state  # (R, T, H)

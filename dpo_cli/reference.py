@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dpo_cli.batching import collate_padded
+from dpo_cli.batching import collate
 from dpo_cli.config import DpoSection
 from dpo_cli.distributed import is_main_process
 from dpo_cli.objective import reference_sequence_logps
@@ -24,7 +24,13 @@ PAIR_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def precompute_reference_logps(
-    model, pairs: Sequence[Mapping], pad_token_id: int, dpo: DpoSection, batch_size: int, console: Console
+    model,
+    pairs: Sequence[Mapping],
+    pad_token_id: int,
+    dpo: DpoSection,
+    batch_size: int,
+    console: Console,
+    layout: str = "padded",
 ) -> torch.Tensor:
     """(num_pairs, 2) float32 reference log-probs of each pair's (chosen, rejected), in the order of `pairs`."""
     device = next(model.parameters()).device
@@ -44,7 +50,7 @@ def precompute_reference_logps(
             task = progress.add_task("reference", total=len(pairs))
             for start in range(0, len(pairs), batch_size):
                 stop = min(start + batch_size, len(pairs))
-                batch = collate_padded([pairs[i] for i in range(start, stop)], pad_token_id).to(device)
+                batch = collate(layout, [pairs[i] for i in range(start, stop)], pad_token_id).to(device)
                 ref_chosen, ref_rejected = reference_sequence_logps(model, batch, dpo).chunk(2)
                 values[start:stop, 0] = ref_chosen.float().cpu()
                 values[start:stop, 1] = ref_rejected.float().cpu()

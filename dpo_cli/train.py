@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dpo_cli import interrupts
-from dpo_cli.batching import collate_padded
+from dpo_cli.attention import resolve_layout
+from dpo_cli.batching import collate, pair_tokens, token_budget_batches
 from dpo_cli.checkpoint import (
     TrainerState,
     apply_schedule,
@@ -46,7 +47,7 @@ from dpo_cli.model import (
 )
 from dpo_cli.objective import score_batch
 from dpo_cli.output_folder import check_folder_is_ours, check_placeable, claimed_folder, honour_umask, is_within
-from dpo_cli.reference import precompute_reference_logps, with_reference
+from dpo_cli.reference import PAIR_KEYS, precompute_reference_logps, with_reference
 from dpo_cli.report import write_run_report
 from dpo_cli.resume_settings import (
     TRAIN_PAIRS,
@@ -91,20 +92,41 @@ class TrainResult:
 
 @dataclass
 class DataStream:
-    """Micro-batch m of the endless stream is micro-batch (m mod per_epoch) of epoch (m div per_epoch)."""
+    """Micro-batch m of the endless stream is micro-batch (m mod per_epoch) of epoch (m div per_epoch).
+
+    Each epoch shuffles the pairs into `batch_size` slices, or, with `budget_batches` (--max-tokens-per-batch),
+    shuffles the order of those fixed micro-batches."""
 
     num_pairs: int
     batch_size: int
     seed: int
+    budget_batches: list[list[int]] | None = None
 
     @property
     def per_epoch(self) -> int:
+        if self.budget_batches is not None:
+            return len(self.budget_batches)
         return math.ceil(self.num_pairs / self.batch_size)
 
     def indices(self, micro_batch: int) -> list[int]:
         epoch, position = divmod(micro_batch, self.per_epoch)
-        order = torch.randperm(self.num_pairs, generator=torch.Generator().manual_seed(self.seed + epoch))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.budget_batches is not None:
+            order = torch.randperm(self.per_epoch, generator=generator)
+            return list(self.budget_batches[int(order[position])])
+        order = torch.randperm(self.num_pairs, generator=generator)
         return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
+
+
+def tokens_per_pair(pairs) -> list[int]:
+    """`pair_tokens` of each pair of a tokenized split, from Arrow list lengths: no token id becomes a Python int."""
+    import pyarrow.compute as pc
+
+    counts: list[int] = []
+    for table in pairs.with_format("arrow").iter(batch_size=8192):
+        lengths = [pc.list_value_length(table.column(key)).to_numpy() for key in PAIR_KEYS]
+        counts.extend(int(n) for n in pair_tokens(*lengths))
+    return counts
 
 
 def total_steps(recipe: Recipe, stream: DataStream) -> int:
@@ -218,6 +240,9 @@ class Trainer:
         base = load_base_model(recipe.model, self.device, trust_remote_code)
         self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
         self.model.train()
+        self.layout, fallback_note = resolve_layout(recipe.data.layout, self.model, max_length)
+        if fallback_note:
+            self.console.print(fallback_note)
         self.train_ref_logps = None  # (num_pairs, 2) with dpo.precompute_ref: the steps then skip the reference pass
         if recipe.dpo.precompute_ref:
             self.train_ref_logps = precompute_reference_logps(
@@ -227,10 +252,15 @@ class Trainer:
                 recipe.dpo,
                 recipe.training.eval_batch_size,
                 self.console,
+                layout=self.layout,
             )
         params = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(params, lr=recipe.training.lr, weight_decay=recipe.training.weight_decay)
-        self.stream = DataStream(len(self.train_pairs), recipe.training.batch_size, recipe.training.seed)
+        budget = recipe.training.max_tokens_per_batch
+        budget_batches = token_budget_batches(tokens_per_pair(self.train_pairs), budget) if budget else None
+        self.stream = DataStream(
+            len(self.train_pairs), recipe.training.batch_size, recipe.training.seed, budget_batches
+        )
         self.total_steps = total_steps(recipe, self.stream)
         warmup = int(recipe.training.warmup_ratio * self.total_steps)
 
@@ -296,7 +326,7 @@ class Trainer:
         metrics = PairMetrics()
         tokens = 0
         for indices in batches:
-            batch = collate_padded(self._pairs(indices), self.tokenizer.pad_token_id).to(self.device)
+            batch = collate(self.layout, self._pairs(indices), self.tokenizer.pad_token_id).to(self.device)
             scores = score_batch(self.model, batch, self.recipe.dpo)
             loss_sum = float(scores.losses.detach().sum())
             if not is_finite(loss_sum):
@@ -348,7 +378,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         training = self.recipe.training
         metrics = evaluate_pairs(
-            self.model, self.eval_pairs, self.tokenizer.pad_token_id, self.recipe.dpo, training.eval_batch_size
+            self.model,
+            self.eval_pairs,
+            self.tokenizer.pad_token_id,
+            self.recipe.dpo,
+            training.eval_batch_size,
+            layout=self.layout,
         )
         return {f"eval_{key}": value for key, value in metrics.items()}
 
