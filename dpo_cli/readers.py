@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import re
 import stat
 import sys
@@ -78,6 +79,9 @@ def _is_json_lines_name(path: Path) -> bool:
 def check_readable(path: Path) -> Path:
     """The path, if it is a file or a dataset folder that can be read; else the one-line reason why not."""
     path = Path(path)
+    if not _is_utf8(str(path)):  # bytes that are no UTF-8 reach Python as lone surrogates, which Arrow refuses
+        shown = os.fsencode(path).decode("utf-8", errors="backslashreplace")  # printable wherever stderr goes
+        raise UserError(f"{shown}: the path is not valid UTF-8, and places in the data are kept as text; rename it")
     mode = _mode(path)
     if stat.S_ISDIR(mode):
         if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
@@ -285,11 +289,15 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def _has_lone_surrogate(text: str) -> bool:
+    return not _is_utf8(text)
+
+
+def _is_utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return True
-    return False
+        return False
+    return True
 
 
 def _json_array_records(path: Path, stream: IO[bytes], max_record_bytes: int) -> Iterator[RawRecord]:

@@ -252,7 +252,10 @@ def test_paths_that_are_no_data_file_are_one_line(tmp_path, capsys, train_args, 
     pipe = tmp_path / "pipe.jsonl"
     os.mkfifo(pipe)  # opening it would wait for a writer forever
     supported = ".jsonl, .json, .parquet (optionally .gz or .zst) or a folder saved by datasets.save_to_disk"
+    not_utf8 = tmp_path / os.fsdecode(b"caf\xe9.jsonl")  # Latin-1 bytes in a name
+    not_utf8.write_text(_lines(GOOD, OTHER), encoding="utf-8")
     cases = {
+        not_utf8: ": the path is not valid UTF-8, and places in the data are kept as text; rename it",
         a_file / "x.jsonl": f": {a_file} is a file, not a folder; check the path",
         a_file / "deeper" / "x.jsonl": f": {a_file} is a file, not a folder; check the path",
         pipe: f": is not a regular file (a pipe, device or socket); pass {supported}",
@@ -262,7 +265,8 @@ def test_paths_that_are_no_data_file_are_one_line(tmp_path, capsys, train_args, 
         for args in (train_args(path, "--on-invalid", "skip"), ["data", "check", path],
                      ["eval", "--adapter", adapter, "--data", path]):  # fmt: skip
             code, _, stderr = run_cli_inprocess(capsys, *args)
-            assert (code, stderr) == (2, f"error: {path}{expected}\n"), args
+            shown = os.fsencode(path).decode("utf-8", errors="backslashreplace")  # caf\xe9.jsonl
+            assert (code, stderr) == (2, f"error: {shown}{expected}\n"), args
 
 
 def test_an_unreadable_file_is_one_line(tmp_path, capsys, train_args):
