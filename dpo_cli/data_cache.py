@@ -8,6 +8,9 @@ changes. Folders are built under a temporary name and renamed into place, so an 
 that a later run could mistake for a finished one. A folder that is there but damaged (a file cut short by a full disk
 or a crash before its data reached the disk, a missing file, other row counts than it was written with) is found
 when it is opened and prepared again; a cache that cannot be written is one line naming it, before any model loads.
+One run at a time prepares a folder (a lock beside it, which the system lets go when a run dies): a second run with
+the same inputs waits and then reads what the first made, and the run holding the lock removes what killed builds of
+that folder left behind.
 
 The root is `data.cache_dir`, else `$DPO_CLI_CACHE`, else `$XDG_CACHE_HOME/dpo-cli` (`~/.cache/dpo-cli`). Nothing
 is ever evicted automatically: delete the folder to reclaim the space.
@@ -15,11 +18,14 @@ is ever evicted automatically: delete the folder to reclaim the space.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dpo_cli.errors import UserError
@@ -49,6 +55,24 @@ def check_cache_writable(root: Path) -> None:
         os.rmdir(tempfile.mkdtemp(dir=root / "prepared", prefix=".probe.", suffix=".tmp"))
     except OSError as error:
         raise cache_write_error(root, error, always=True) from None
+
+
+@contextlib.contextmanager
+def preparing(target: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold the lock for building `target`, calling `on_wait` first if another run holds it, and remove the temporary
+    and replaced folders of killed builds (`.<name>.*`): while the lock is held, no live run is writing them."""
+    import fcntl
+
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        yield  # the lock goes with the file's closing, or with the process
 
 
 def cache_write_error(root: Path, error: OSError, always: bool = False) -> UserError | None:

@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -49,6 +50,7 @@ from dpo_cli.data_cache import (
     cache_write_error,
     check_cache_writable,
     prepared_key,
+    preparing,
     tokenizer_fingerprint,
 )
 from dpo_cli.errors import UserError
@@ -464,22 +466,31 @@ def prepare_split(tokenizer, paths: list[str], data: DataSection, name: str, con
     prepared = _open_prepared(target)
     from_cache = prepared is not None
     if not from_cache:
-        if target.exists():
-            console.print(
-                f"{name} data: the prepared copy in {target} is damaged or incomplete; preparing it again", markup=False
-            )
-        check_cache_writable(root)
-        try:  # built aside and renamed into place whole; replacing covers a damaged copy or a concurrent run's
-            with atomic_directory(target, replace=True) as folder:
-                _build(folder, tokenizer, paths, options, data.max_length, name, console)
-        except OSError as error:
-            problem = cache_write_error(root, error)
-            if problem is None:  # not the cache's disk: a bug, or an input problem the readers should have named
-                raise
-            raise problem from None
-        prepared = _load_prepared(target)  # just written: a failure here is a bug to see in full
+        prepared, from_cache = _prepare_once(target, root, tokenizer, paths, options, data.max_length, name, console)
     texts, tokenized, read = prepared
     return PreparedSplit(texts, tokenized, read, from_cache, time.perf_counter() - started)
+
+
+def _prepare_once(target: Path, root: Path, tokenizer, paths, options, max_length: int, name: str, console):
+    """(prepared, from_cache): build `target` holding its lock, or read what the run waited for made; a problem of
+    the cache's disk (not writable, full) is one line naming it."""
+    say = partial(console.print, markup=False)
+    check_cache_writable(root)
+    try:
+        with preparing(target, lambda: say(f"{name} data: another run is preparing it in {target}; waiting")):
+            prepared = _open_prepared(target)
+            if prepared is not None:
+                return prepared, True
+            if target.exists():
+                say(f"{name} data: the prepared copy in {target} is damaged or incomplete; preparing it again")
+            with atomic_directory(target, replace=True) as folder:  # built aside, renamed into place whole
+                _build(folder, tokenizer, paths, options, max_length, name, console)
+    except OSError as error:
+        problem = cache_write_error(root, error)
+        if problem is None:  # not the cache's disk: a bug, or an input problem the readers should have named
+            raise
+        raise problem from None
+    return _load_prepared(target), False  # just written: a failure here is a bug to see in full
 
 
 def _open_prepared(target: Path):

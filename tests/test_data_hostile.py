@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -403,7 +404,7 @@ def test_long_shared_dialogues_split_quickly_and_as_before():
 
 
 def _entry(cache: Path) -> Path:
-    (entry,) = (cache / "prepared").iterdir()
+    (entry,) = (path for path in (cache / "prepared").iterdir() if not path.name.startswith("."))
     return entry
 
 
@@ -443,7 +444,7 @@ def test_a_damaged_cache_entry_is_prepared_again(damage, tmp_path, tokenizer, ca
     assert not summary.from_cache and again.to_list() == expected and len(summary.skipped) == 1
     _, summary = load_tokenized_split(tokenizer, [str(path)], 64, "train", console, data)
     assert summary.from_cache
-    assert [p.name for p in (cache / "prepared").iterdir()] == [_entry(cache).name]  # no temporary folder left
+    assert [p.name for p in (cache / "prepared").iterdir() if p.is_dir()] == [_entry(cache).name]  # no leftovers
 
 
 def test_a_damaged_cache_entry_is_prepared_again_by_train(tmp_path, capsys, train_args, monkeypatch):
@@ -561,4 +562,36 @@ def test_a_full_cache_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, trai
     code, _, stderr = run_cli_inprocess(capsys, *train_args(path))
     expected = f"error: {cache}: data cache: no space left for the prepared data; free space there or {CACHE_HINT}\n"
     assert (code, stderr) == (2, expected)
-    assert list((cache / "prepared").iterdir()) == []  # the half-built folder is gone
+    assert not any(p.is_dir() for p in (cache / "prepared").iterdir())  # the half-built folder is gone
+
+
+def test_one_run_prepares_at_a_time_and_clears_what_killed_builds_left(tmp_path, tokenizer, capsys, monkeypatch):
+    import fcntl
+    import threading
+
+    from dpo_cli.tokenization import load_tokenized_split
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DPO_CLI_CACHE", str(cache))
+    path = tmp_path / "data.jsonl"
+    path.write_text(_lines(GOOD, OTHER), encoding="utf-8")
+    console = Console(width=10_000)
+    first, _ = load_tokenized_split(tokenizer, [str(path)], 64, "train", console, DataSection())
+    expected = first.to_list()
+    del first
+    entry = _entry(cache)
+    shutil.rmtree(entry)
+    killed = [entry.with_name(f".{entry.name}.k1ll3d.tmp"), entry.with_name(f".{entry.name}.old")]
+    for folder in killed:  # what a build killed while writing, or while replacing, leaves
+        folder.mkdir()
+        (folder / "texts.arrow").write_bytes(b"half")
+    with open(entry.with_name(f".{entry.name}.lock"), "a") as lock:  # another run is preparing the same data
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        threading.Timer(1.0, fcntl.flock, (lock, fcntl.LOCK_UN)).start()
+        capsys.readouterr()
+        started = time.perf_counter()
+        again, summary = load_tokenized_split(tokenizer, [str(path)], 64, "train", console, DataSection())
+    assert time.perf_counter() - started >= 1.0
+    assert f"train data: another run is preparing it in {entry}; waiting" in capsys.readouterr().out
+    assert not summary.from_cache and again.to_list() == expected
+    assert not any(folder.exists() for folder in killed)
