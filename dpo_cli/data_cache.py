@@ -8,7 +8,7 @@ changes. Folders are built under a temporary name and renamed into place, so an 
 that a later run could mistake for a finished one. A folder that is there but damaged (a file cut short by a full disk
 or a crash before its data reached the disk, a missing file, other row counts than it was written with) is found
 when it is opened and prepared again; a cache that cannot be written is one line naming it, before any model loads.
-One run at a time prepares a folder (a lock beside it, which the system lets go when a run dies): a second run with
+One run at a time prepares a folder (a lock in `locks/`, which the system lets go when a run dies): a second run with
 the same inputs waits and then reads what the first made, and the run holding the lock removes what killed builds of
 that folder left behind.
 
@@ -57,13 +57,20 @@ def check_cache_writable(root: Path) -> None:
         raise cache_write_error(root, error, always=True) from None
 
 
+def lock_path(target: Path) -> Path:
+    """The lock file of a prepared folder: in `locks/` beside `prepared/`, which holds prepared folders only."""
+    locks = target.parent.with_name("locks")
+    locks.mkdir(exist_ok=True)
+    return locks / f"{target.name}.lock"
+
+
 @contextlib.contextmanager
 def preparing(target: Path, on_wait: Callable[[], None]) -> Iterator[None]:
     """Hold the lock for building `target`, calling `on_wait` first if another run holds it, and remove the temporary
     and replaced folders of killed builds (`.<name>.*`): while the lock is held, no live run is writing them."""
     import fcntl
 
-    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+    with open(lock_path(target), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

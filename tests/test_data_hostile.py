@@ -17,6 +17,7 @@ from rich.console import Console
 
 from dpo_cli.config import DataSection
 from dpo_cli.data import read_json_lines
+from dpo_cli.data_cache import lock_path
 from dpo_cli.readers import MAX_NESTING, MAX_RECORD_BYTES
 from tests.conftest import run_cli_inprocess, run_cli_subprocess, train_adapter
 
@@ -404,7 +405,7 @@ def test_long_shared_dialogues_split_quickly_and_as_before():
 
 
 def _entry(cache: Path) -> Path:
-    (entry,) = (path for path in (cache / "prepared").iterdir() if not path.name.startswith("."))
+    (entry,) = (cache / "prepared").iterdir()
     return entry
 
 
@@ -444,7 +445,7 @@ def test_a_damaged_cache_entry_is_prepared_again(damage, tmp_path, tokenizer, ca
     assert not summary.from_cache and again.to_list() == expected and len(summary.skipped) == 1
     _, summary = load_tokenized_split(tokenizer, [str(path)], 64, "train", console, data)
     assert summary.from_cache
-    assert [p.name for p in (cache / "prepared").iterdir() if p.is_dir()] == [_entry(cache).name]  # no leftovers
+    assert [p.name for p in (cache / "prepared").iterdir()] == [_entry(cache).name]  # no leftovers
 
 
 def test_a_damaged_cache_entry_is_prepared_again_by_train(tmp_path, capsys, train_args, monkeypatch):
@@ -562,7 +563,7 @@ def test_a_full_cache_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, trai
     code, _, stderr = run_cli_inprocess(capsys, *train_args(path))
     expected = f"error: {cache}: data cache: no space left for the prepared data; free space there or {CACHE_HINT}\n"
     assert (code, stderr) == (2, expected)
-    assert not any(p.is_dir() for p in (cache / "prepared").iterdir())  # the half-built folder is gone
+    assert list((cache / "prepared").iterdir()) == []  # the half-built folder is gone
 
 
 def test_one_run_prepares_at_a_time_and_clears_what_killed_builds_left(tmp_path, tokenizer, capsys, monkeypatch):
@@ -585,7 +586,7 @@ def test_one_run_prepares_at_a_time_and_clears_what_killed_builds_left(tmp_path,
     for folder in killed:  # what a build killed while writing, or while replacing, leaves
         folder.mkdir()
         (folder / "texts.arrow").write_bytes(b"half")
-    with open(entry.with_name(f".{entry.name}.lock"), "a") as lock:  # another run is preparing the same data
+    with open(lock_path(entry), "a") as lock:  # another run is preparing the same data
         fcntl.flock(lock, fcntl.LOCK_EX)
         threading.Timer(1.0, fcntl.flock, (lock, fcntl.LOCK_UN)).start()
         capsys.readouterr()
