@@ -20,7 +20,7 @@ from pathlib import Path
 from dpo_cli.errors import UserError
 from dpo_cli.files import write_text_atomic
 from dpo_cli.formats import FORMATS, Pair, RecordProblem, detect_format, rename_columns, unknown_format_error
-from dpo_cli.readers import open_records
+from dpo_cli.readers import MAX_RECORD_BYTES, open_records
 
 ON_INVALID_CHOICES = ("error", "skip")
 
@@ -38,6 +38,8 @@ class ReadOptions:
     columns: dict[str, str] = field(default_factory=dict)
     """{pair field: column in the file}, applied before detection."""
     on_invalid: str = "error"
+    max_record_bytes: int = MAX_RECORD_BYTES
+    """A longer record is set aside unread (see `tokenization.read_options` for the bound training uses)."""
 
 
 @dataclass
@@ -72,7 +74,7 @@ def iter_file_pairs(path: Path, options: ReadOptions, result: ReadResult) -> Ite
     """The pairs of one file, in order; problems raise or are added to `result.invalid`, per `options.on_invalid`."""
     report = FileReport(str(path), format="" if options.format == "auto" else options.format)
     result.files.append(report)
-    for raw in open_records(Path(path)):
+    for raw in open_records(Path(path), options.max_record_bytes):
         report.records += 1
         try:
             if raw.problem is not None:
@@ -126,8 +128,33 @@ def skipped_summary(invalid: list[InvalidRecord], first: int = 3) -> str:
 
 def write_skipped(path: Path, invalid: list[InvalidRecord]) -> None:
     """One JSON line per skipped record: where it was, why, and its text as it was, to fix and feed back."""
-    lines = (json.dumps(dataclasses.asdict(record), ensure_ascii=False) for record in invalid)
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    write_text_atomic(path, "".join(json_line(dataclasses.asdict(record)) + "\n" for record in invalid))
+
+
+def read_skipped(path: Path) -> list[InvalidRecord]:
+    """The records `write_skipped` wrote; a line that is not one raises ValueError, TypeError or KeyError."""
+    return [InvalidRecord(**json.loads(line)) for line in read_json_lines(path)]
+
+
+# Characters str.splitlines() also breaks lines on; json.dumps escapes only the ASCII ones. Escaping these too keeps
+# one record per line for every reader, while the rest of the text stays readable (no ensure_ascii).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(value: object) -> str:
+    """`value` as one line of JSON that any line reader splits correctly and that encodes as UTF-8 (a lone surrogate,
+    which UTF-8 cannot hold, makes that line fully ASCII-escaped)."""
+    line = json.dumps(value, ensure_ascii=False).translate(_LINE_BREAKS)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return line
+
+
+def read_json_lines(path: Path) -> list[str]:
+    """The non-empty lines of a JSON lines file, split on "\\n" only (not on what str.splitlines() also breaks on)."""
+    return [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def read_jsonl(path: Path) -> Iterator[PreferencePair]:

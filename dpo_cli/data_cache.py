@@ -5,7 +5,12 @@ A prepared split is a folder named by a hash of everything its content depends o
 column mapping), the tokenizer (vocabulary, merges, special tokens, chat template) and `max_length`. A rerun with
 the same inputs finds the folder and memory-maps it, so training starts in seconds; change any input and the name
 changes. Folders are built under a temporary name and renamed into place, so an interrupted build leaves nothing
-that a later run could mistake for a finished one.
+that a later run could mistake for a finished one. A folder that is there but damaged (a file cut short by a full disk
+or a crash before its data reached the disk, a missing file, other row counts than it was written with) is found
+when it is opened and prepared again; a cache that cannot be written is one line naming it, before any model loads.
+One run at a time prepares a folder (a lock in `locks/`, which the system lets go when a run dies): a second run with
+the same inputs waits and then reads what the first made, and the run holding the lock removes what killed builds of
+that folder left behind.
 
 The root is `data.cache_dir`, else `$DPO_CLI_CACHE`, else `$XDG_CACHE_HOME/dpo-cli` (`~/.cache/dpo-cli`). Nothing
 is ever evicted automatically: delete the folder to reclaim the space.
@@ -13,12 +18,19 @@ is ever evicted automatically: delete the folder to reclaim the space.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-CACHE_VERSION = "1"
+from dpo_cli.errors import UserError
+
+CACHE_VERSION = "2"
 """Bump when the layout or the meaning of a prepared folder changes, so older folders are not reused."""
 HASH_CHUNK = 1 << 22
 
@@ -32,17 +44,70 @@ def cache_root(configured: str = "") -> Path:
     return Path(base) / "dpo-cli"
 
 
+CACHE_HINT = "set data.cache_dir in the recipe or $DPO_CLI_CACHE to a writable folder"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def check_cache_writable(root: Path) -> None:
+    """Make sure prepared data can be written under `root` (making the folders), or say in one line why not."""
+    try:
+        (root / "prepared").mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=root / "prepared", prefix=".probe.", suffix=".tmp"))
+    except OSError as error:
+        raise cache_write_error(root, error, always=True) from None
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of a prepared folder: in `locks/` beside `prepared/`, which holds prepared folders only."""
+    locks = target.parent.with_name("locks")
+    locks.mkdir(exist_ok=True)
+    return locks / f"{target.name}.lock"
+
+
+@contextlib.contextmanager
+def preparing(target: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold the lock for building `target`, calling `on_wait` first if another run holds it, and remove the temporary
+    and replaced folders of killed builds (`.<name>.*`): while the lock is held, no live run is writing them."""
+    import fcntl
+
+    with open(lock_path(target), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        yield  # the lock goes with the file's closing, or with the process
+
+
+def cache_write_error(root: Path, error: OSError, always: bool = False) -> UserError | None:
+    """The one line for `error` while writing the cache at `root`; None when it is not about that disk."""
+    inside = error.filename is not None and Path(str(error.filename)).resolve().is_relative_to(root.resolve())
+    if not (always or inside or error.errno in (*DISK_FULL, errno.EROFS)):  # Arrow's write errors name no file
+        return None
+    if error.errno in DISK_FULL:
+        return UserError(f"{root}: data cache: no space left for the prepared data; free space there or {CACHE_HINT}")
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return UserError(f"{root}: data cache: a part of this path is a file, not a folder; {CACHE_HINT}")
+    return UserError(f"{root}: data cache: cannot write there ({error.strerror or error}); {CACHE_HINT}")
+
+
 def file_fingerprint(path: Path) -> str:
     """A hash of the content of a file, or of every file (with its relative name) in a folder."""
     path = Path(path)
     digest = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if path.is_dir():
+                digest.update(str(file.relative_to(path)).encode() + b"\0")
+            with file.open("rb") as handle:
+                while chunk := handle.read(HASH_CHUNK):
+                    digest.update(chunk)
+    except OSError as error:  # e.g. a file in a dataset folder that cannot be read
+        raise UserError(f"{error.filename or path}: cannot read ({error.strerror or error}); check the file") from None
     return digest.hexdigest()
 
 

@@ -99,7 +99,8 @@ def _summary(invalid: list[InvalidRecord], columns: dict, rows: np.ndarray, max_
         "chosen_equals_rejected": reasons["chosen equals rejected"],
     }
     if "prompt_tokens" in columns:
-        tokenized = rows & (columns["problem"] != "chat template error")
+        # Pairs set aside unrendered (a template error) or untokenized (a prompt far over max_length) have no counts.
+        tokenized = rows & (columns["problem"] != "chat template error") & (columns["prompt_tokens"] >= 0)
         summary["tokens"] = {field: _stats(columns[f"{field}_tokens"][tokenized]) for field in TOKEN_FIELDS}
         summary["truncated"] = int(columns["truncated"][rows].sum())
         summary["dropped"] = reasons["prompt fills max_length"]

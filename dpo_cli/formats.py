@@ -19,7 +19,6 @@ Nothing here reads files or knows about tokenizers: it is pure functions of deco
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
@@ -159,7 +158,7 @@ def hh_rlhf_pairs(record: dict) -> list[Pair]:
     rejected = text_field(record, "rejected", needed)
     if chosen == rejected:
         raise identical()
-    shared = os.path.commonprefix([chosen, rejected])
+    shared = common_prefix(chosen, rejected)
     cut = shared.rfind(HH_ASSISTANT)
     if cut < 0:
         raise RecordProblem(
@@ -170,6 +169,18 @@ def hh_rlhf_pairs(record: dict) -> list[Pair]:
         )
     end = cut + len(HH_ASSISTANT)
     return [checked_pair(chosen[:end], chosen[end:], rejected[end:])]
+
+
+def common_prefix(a: str, b: str, chunk: int = 4096) -> str:
+    """`os.path.commonprefix([a, b])`, comparing slices rather than one character per Python step, so two long
+    dialogues that agree for megabytes cost milliseconds."""
+    end, start = min(len(a), len(b)), 0
+    while start < end and a[start : start + chunk] == b[start : start + chunk]:
+        start += chunk
+    start = min(start, end)
+    while start < end and a[start] == b[start]:
+        start += 1
+    return a[:start]
 
 
 def conversational_pairs(record: dict) -> list[Pair]:

@@ -8,6 +8,11 @@ prompt: tokens can merge across the boundary, and some templates render a prompt
 is then cut to `max_length` keeping the start; a pair whose prompt alone fills `max_length` has no completion token
 left and cannot be trained on.
 
+A hostile record must cost milliseconds, not the minutes and gigabytes of tokenizing megabytes of text that are then
+cut away. No token holds more than `chars_per_token` characters (the tokenizer's longest vocabulary entry, at least
+64), so a prompt longer than `max_length` times that cannot fit and is set aside untokenized, and a completion is
+tokenized only up to twice what the window can hold, which leaves the kept tokens the same as in full.
+
 `load_tokenized_split` is the entry point of `train` and `eval`: it streams the files into Arrow, tokenizes on all
 cores, caches the result by fingerprint (see `data_cache`), applies `data.on_invalid`, and returns a
 `datasets.Dataset` whose rows are `{"prompt_ids", "chosen_ids", "rejected_ids"}`.
@@ -22,6 +27,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -34,21 +40,41 @@ from dpo_cli.data import (
     ReadOptions,
     ReadResult,
     iter_file_pairs,
+    json_line,
+    read_skipped,
     skipped_summary,
     write_skipped,
 )
-from dpo_cli.data_cache import cache_root, prepared_key, tokenizer_fingerprint
+from dpo_cli.data_cache import (
+    cache_root,
+    cache_write_error,
+    check_cache_writable,
+    prepared_key,
+    preparing,
+    tokenizer_fingerprint,
+)
 from dpo_cli.errors import UserError
 from dpo_cli.files import atomic_directory, read_user_text
 from dpo_cli.formats import Text, parse_columns
-from dpo_cli.readers import check_readable
+from dpo_cli.readers import MAX_RECORD_BYTES, check_readable
 
 ID_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+PAIR_TEXTS = ("prompt", "chosen", "rejected")
 WRITE_BATCH = 10_000
 PARALLEL_FROM = 20_000
 """Pairs below which tokenizing in one process beats starting workers."""
 SPLIT_SEED = 0
 """The held-out part of `data.eval_split` is the same for the same data, whatever the training seed."""
+MIN_CHARS_PER_TOKEN = 64
+"""A generous bound on the characters one token covers (real tokenizers average 3 to 5), used when the vocabulary's
+longest entry is shorter."""
+RECORD_BYTES_PER_TOKEN = 4096
+"""Bytes one record may have per token of max_length: its three texts are used up to 2 x max_length tokens each, a
+token is at most 64 characters, a character at most 6 bytes of JSON (an escape); 3 x 2 x 64 x 6 = 2,304."""
+NOT_TOKENIZED = -1
+"""The token counts of a pair set aside on its character count alone."""
+INVALID = "invalid.jsonl"
+"""The records reading set aside, in a prepared folder."""
 
 
 @dataclass
@@ -266,25 +292,77 @@ def write_texts(folder: Path, paths: list[str], options: ReadOptions, tokenizer=
     return result, written
 
 
-def tokenize_batch(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
-    """`datasets.map` function: the texts of a batch of pairs -> cut ids, full lengths and any problem per pair."""
+def chars_per_token(tokenizer) -> int:
+    """The most characters one token can stand for: its longest vocabulary entry (byte-level entries are at least as
+    long as the text they cover), and never less than MIN_CHARS_PER_TOKEN."""
+    return max(MIN_CHARS_PER_TOKEN, max(map(len, tokenizer.get_vocab()), default=0))
+
+
+def _prompt_too_long(prompt: Text, max_length: int, max_chars: int) -> str:
+    """Why `prompt` cannot fit in max_length tokens, told from its characters alone; "" when it may fit."""
+    if isinstance(prompt, str):
+        size = len(prompt)
+    else:
+        if len(prompt) > max_length:  # every turn renders to at least one token (its role marker)
+            return f"has {len(prompt):,} messages, more than max_length={max_length} tokens can hold"
+        size = sum(len(message["content"]) for message in prompt)
+    if size <= max_chars:
+        return ""
+    return (
+        f"is {size:,} characters, more than max_length={max_length} tokens can hold (no token of this tokenizer "
+        f"covers more than {max_chars // max_length} characters)"
+    )
+
+
+def _head(text: Text, max_chars: int, max_messages: int) -> Text:
+    """The start of a completion: at most `max_chars` characters of its text or of its messages' contents, and at
+    most `max_messages` messages (each renders to a token at least)."""
+    if isinstance(text, str):
+        return text[:max_chars]
+    kept = []
+    for message in text[:max_messages]:
+        if max_chars <= 0:
+            break
+        kept.append({**message, "content": message["content"][:max_chars]})
+        max_chars -= len(message["content"])
+    return kept
+
+
+def tokenize_batch(
+    batch: dict[str, list], tokenizer, max_length: int, max_token_chars: int = MIN_CHARS_PER_TOKEN
+) -> dict[str, list]:
+    """`datasets.map` function: the texts of a batch of pairs -> cut ids, full lengths and any problem per pair.
+
+    The work per pair is bounded: a prompt of more than `max_length * max_token_chars` characters cannot fit and is
+    not tokenized. A completion is cut to twice that before tokenizing: the kept tokens come from its first
+    `max_length * max_token_chars` characters at most, and as much text again after them keeps any merge across the
+    cut far from the window. Its token count is then counted up to the cut (still more than fits)."""
     size = len(batch["prompt"])
+    max_prompt_chars = max_length * max_token_chars
+    max_completion_chars = 2 * max_prompt_chars
     full: list[tuple[list[int], list[int], list[int]] | None] = [None] * size
     problems = [("", "")] * size
-    text_rows = [i for i in range(size) if not batch["is_chat"][i]]
+    texts = [[_loaded_text(batch[name][i], batch["is_chat"][i]) for name in PAIR_TEXTS] for i in range(size)]
+    for i, (prompt, _, _) in enumerate(texts):
+        if why := _prompt_too_long(prompt, max_length, max_prompt_chars):
+            problems[i] = ("prompt fills max_length", f"field 'prompt': {why}; raise --max-length or shorten it")
+        texts[i][1:] = [_head(completion, max_completion_chars, 2 * max_length) for completion in texts[i][1:]]
+    text_rows = [i for i in range(size) if not batch["is_chat"][i] and not problems[i][0]]
     if text_rows:
-        columns = [[batch[name][i] for i in text_rows] for name in ("prompt", "chosen", "rejected")]
+        columns = [[texts[i][field] for i in text_rows] for field in range(3)]
         for i, ids in zip(text_rows, text_pairs_ids(tokenizer, *columns), strict=True):
             full[i] = ids
     for i in range(size):
-        if batch["is_chat"][i]:
-            messages = [json.loads(batch[name][i]) for name in ("prompt", "chosen", "rejected")]
+        if batch["is_chat"][i] and not problems[i][0]:
             try:
-                full[i] = chat_pair_ids(tokenizer, *messages)
+                full[i] = chat_pair_ids(tokenizer, *texts[i])
             except Exception as error:  # templates raise their own errors (e.g. on roles that do not alternate)
                 problems[i] = ("chat template error", f"the chat template refused it ({error}); fix the template")
     out: dict[str, list] = {name: [] for name in _tokenized_features() if name not in ("file_index", "pair_hash")}
     for i in range(size):
+        if full[i] is None and problems[i][0] == "prompt fills max_length":
+            _append_untokenized(out, problems[i])
+            continue
         prompt, chosen, rejected = full[i] or ([], [], [])
         cut, truncated = cut_to_max_length(prompt, chosen, rejected, max_length)
         if cut is None and not problems[i][0]:
@@ -303,6 +381,16 @@ def tokenize_batch(batch: dict[str, list], tokenizer, max_length: int) -> dict[s
         out["problem"].append(problems[i][0])
         out["problem_message"].append(problems[i][1])
     return out
+
+
+def _append_untokenized(out: dict[str, list], problem: tuple[str, str]) -> None:
+    for name in ID_COLUMNS:
+        out[name].append([])
+    for name in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
+        out[name].append(NOT_TOKENIZED)
+    out["truncated"].append(False)
+    out["problem"].append(problem[0])
+    out["problem_message"].append(problem[1])
 
 
 @dataclass
@@ -339,7 +427,7 @@ class PreparedSplit:
                     text["source"],
                     problem["problem"],
                     f"{text['source']}: {problem['problem_message']}",
-                    json.dumps(record, ensure_ascii=False),
+                    json_line(record),
                 )
             )
         return records
@@ -350,12 +438,16 @@ def _loaded_text(stored: str, is_chat: bool) -> Text:
 
 
 def read_options(data: DataSection) -> ReadOptions:
-    return ReadOptions(format=data.format, columns=parse_columns(data.columns), on_invalid=data.on_invalid)
+    return ReadOptions(
+        format=data.format,
+        columns=parse_columns(data.columns),
+        on_invalid=data.on_invalid,
+        max_record_bytes=max(MAX_RECORD_BYTES, RECORD_BYTES_PER_TOKEN * data.max_length),
+    )
 
 
 def prepare_split(tokenizer, paths: list[str], data: DataSection, name: str, console: Console) -> PreparedSplit:
     """Read, check and tokenize the files of one split, or find them already prepared in the cache."""
-    from datasets import Dataset, concatenate_datasets
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # our own lines say what is happening; datasets' bars would interleave with them
@@ -369,21 +461,63 @@ def prepare_split(tokenizer, paths: list[str], data: DataSection, name: str, con
     if data.chat_template:
         use_chat_template(tokenizer, data.chat_template)
     settings = {"format": options.format, "columns": options.columns, "max_length": data.max_length}
-    target = cache_root(data.cache_dir) / "prepared" / prepared_key(paths, settings, tokenizer_fingerprint(tokenizer))
-    from_cache = (target / "meta.json").is_file()
+    root = cache_root(data.cache_dir)
+    target = root / "prepared" / prepared_key(paths, settings, tokenizer_fingerprint(tokenizer))
+    prepared = _open_prepared(target)
+    from_cache = prepared is not None
     if not from_cache:
-        # Built aside and renamed into place whole; replacing covers a concurrent run that finished first.
-        with atomic_directory(target, replace=True) as folder:
-            _build(folder, tokenizer, paths, options, data.max_length, name, console)
+        prepared, from_cache = _prepare_once(target, root, tokenizer, paths, options, data.max_length, name, console)
+    texts, tokenized, read = prepared
+    return PreparedSplit(texts, tokenized, read, from_cache, time.perf_counter() - started)
+
+
+def _prepare_once(target: Path, root: Path, tokenizer, paths, options, max_length: int, name: str, console):
+    """(prepared, from_cache): build `target` holding its lock, or read what the run waited for made; a problem of
+    the cache's disk (not writable, full) is one line naming it."""
+    say = partial(console.print, markup=False)
+    check_cache_writable(root)
+    try:
+        with preparing(target, lambda: say(f"{name} data: another run is preparing it in {target}; waiting")):
+            prepared = _open_prepared(target)
+            if prepared is not None:
+                return prepared, True
+            if target.exists():
+                say(f"{name} data: the prepared copy in {target} is damaged or incomplete; preparing it again")
+            with atomic_directory(target, replace=True) as folder:  # built aside, renamed into place whole
+                _build(folder, tokenizer, paths, options, max_length, name, console)
+    except OSError as error:
+        problem = cache_write_error(root, error)
+        if problem is None:  # not the cache's disk: a bug, or an input problem the readers should have named
+            raise
+        raise problem from None
+    return _load_prepared(target), False  # just written: a failure here is a bug to see in full
+
+
+def _open_prepared(target: Path):
+    """(texts, tokenized, read) of a complete prepared folder; None when it is missing, damaged or incomplete (a
+    file cut short, a different row count, an unreadable line), which the caller then builds again."""
+    if not (target / "meta.json").is_file():
+        return None
+    try:
+        return _load_prepared(target)
+    except Exception:  # a damaged copy fails in many ways (JSON, Arrow, sizes, counts); all mean: prepare it again
+        return None
+
+
+def _load_prepared(target: Path):
+    from datasets import Dataset, concatenate_datasets
+
     meta = json.loads((target / "meta.json").read_text(encoding="utf-8"))
+    for file_name, size in meta["sizes"].items():
+        if (target / file_name).stat().st_size != size:
+            raise ValueError(f"{target / file_name}: {size} bytes were written, it has others")
     texts = Dataset.from_file(str(target / "texts.arrow"))
     tokenized = concatenate_datasets([Dataset.from_file(str(target / name)) for name in meta["tokenized_files"]])
-    invalid_lines = (target / "invalid.jsonl").read_text(encoding="utf-8").splitlines()
-    read = ReadResult(
-        files=[FileReport(**report) for report in meta["files"]],
-        invalid=[InvalidRecord(**json.loads(line)) for line in invalid_lines],
-    )
-    return PreparedSplit(texts, tokenized, read, from_cache, time.perf_counter() - started)
+    read = ReadResult(files=[FileReport(**report) for report in meta["files"]], invalid=read_skipped(target / INVALID))
+    pairs = sum(report.pairs for report in read.files)
+    if not len(texts) == len(tokenized) == pairs or len(read.invalid) != sum(f.invalid for f in read.files):
+        raise ValueError(f"{target}: holds other row counts than were written")
+    return texts, tokenized, read
 
 
 def _build(folder: Path, tokenizer, paths: list[str], options: ReadOptions, max_length: int, name: str, console):
@@ -404,7 +538,7 @@ def _build(folder: Path, tokenizer, paths: list[str], options: ReadOptions, max_
             tokenize_batch,
             batched=True,
             batch_size=1000,
-            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_token_chars": chars_per_token(tokenizer)},
             remove_columns=["prompt", "chosen", "rejected", "is_chat", "source"],
             features=_tokenized_features(),
             num_proc=workers,
@@ -412,12 +546,13 @@ def _build(folder: Path, tokenizer, paths: list[str], options: ReadOptions, max_
             new_fingerprint=folder.name,
         )
         tokenized_files = [Path(f["filename"]).name for f in tokenized.cache_files]
+    write_skipped(folder / INVALID, result.invalid)
     meta = {
         "files": [dataclasses.asdict(report) for report in result.files],
         "tokenized_files": tokenized_files,
+        "sizes": {path.name: path.stat().st_size for path in folder.iterdir() if path.is_file()},
     }
-    write_skipped(folder / "invalid.jsonl", result.invalid)
-    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")  # last: its presence means complete
 
 
 def _worker_count() -> int:
