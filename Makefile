@@ -13,8 +13,8 @@ PIP := $(PY) -m pip
 # torch is pinned to the CPU build this project is tested with; an unpinned torch pulls a multi-GB CUDA build.
 # GPU users: `make install TORCH=torch`.
 TORCH ?= torch==2.13.0
-# One stamp per virtualenv, so switching environments installs into the new one.
-STAMP := .make/installed$(subst /,-,$(abspath $(VENV)))
+# The stamp lives in the virtualenv, so another environment (or a new .venv) gets its own install.
+STAMP := $(VENV)/.dpo-cli-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -36,7 +36,7 @@ $(VENV)/pyvenv.cfg:
 $(STAMP): pyproject.toml $(VENV)/pyvenv.cfg
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[test]"
-	@mkdir -p .make && touch "$(STAMP)"
+	@touch "$(STAMP)"
 
 demo: $(STAMP)
 	$(PY) -m dpo_cli.demo demo-out
@@ -54,6 +54,6 @@ lint: $(STAMP)
 	$(PY) -m ruff check dpo_cli tests bench
 	$(PY) -m ruff format --check dpo_cli tests bench
 
-# .venv stays: rebuilding it costs minutes. `rm -rf .venv` to start over.
+# .venv stays: rebuilding it takes a minute or more. `rm -rf .venv` to start over.
 clean:
 	rm -rf .make demo-out .pytest_cache
