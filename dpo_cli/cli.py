@@ -254,7 +254,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except usage_errors as error:  # a mistyped command, option or value: click's usage line, exit 2
+    except usage_errors as error:  # a mistyped command, option or value: the usage line, exit 2 (its own code)
         error.show()
         sys.exit(error.exit_code)
     except aborts:

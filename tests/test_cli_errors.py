@@ -12,6 +12,7 @@ import math
 import typing
 
 import pytest
+import typer
 
 from dpo_cli.config import DataSection, DpoSection, LoraSection, ModelSection, Recipe, TrainingSection, recipe_from_dict
 from dpo_cli.errors import UserError
@@ -38,6 +39,24 @@ def test_usage_errors_exit_2_with_the_usage_line(capsys, args, message):
     assert stderr.startswith(("Usage: dpo-cli ", f"Error: {message}"))
     assert f"Error: {message}" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("parser", ["click", "typer's vendored click"])
+def test_usage_errors_of_either_click_are_handled(capsys, monkeypatch, parser):
+    """typer before 0.29 raised click's own exceptions, 0.29 raises its vendored copy's; main() handles both."""
+    import click
+
+    import dpo_cli.cli
+
+    usage_error = click.UsageError if parser == "click" else typer.BadParameter.__mro__[1]
+    assert usage_error.__name__ == "UsageError"
+
+    def parse_and_fail(**_):
+        raise usage_error("no such thing")
+
+    monkeypatch.setattr(dpo_cli.cli, "app", parse_and_fail)
+    code, _, stderr = run_cli_inprocess(capsys, "anything")
+    assert (code, stderr) == (2, "Error: no such thing\n")
 
 
 @pytest.mark.parametrize("args", [[], ["data"]], ids=["no arguments", "group without its command"])
