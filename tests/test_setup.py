@@ -19,13 +19,21 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make on the PATH")
 
 
-def _make(*args: str) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
+# A `make VENV=... test` running these tests hands its variables down, through MAKEFLAGS and the environment.
+INHERITED = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "VIRTUAL_ENV", "VENV", "PYTHON", "TORCH")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in INHERITED}
+    return {**env, **extra}
+
+
+def _make(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["make", "--no-print-directory", "-C", str(REPO), *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=_clean_env(**env),
         timeout=60,
     )
 
@@ -66,7 +74,6 @@ def test_the_active_virtualenv_is_used_when_there_is_one(tmp_path):
     (venv / "bin").mkdir(parents=True)
     (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
     (venv / ".dpo-cli-installed").touch()  # pretend installed: only the command line is checked (dry run)
-    env = {**os.environ, "VIRTUAL_ENV": str(venv)}
-    result = subprocess.run(["make", "-n", "-C", str(REPO), "test"], capture_output=True, text=True, env=env)
+    result = _make("-n", "test", VIRTUAL_ENV=str(venv))
     assert result.returncode == 0, result.stderr
     assert f"{venv}/bin/python -m pytest -q" in result.stdout
