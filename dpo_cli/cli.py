@@ -280,6 +280,24 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def _click_exception_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(usage errors, aborts) of every click that typer may parse with.
+
+    typer 0.29 parses with its own vendored copy of click, whose exceptions are not click's; older typers use click
+    itself. `typer.BadParameter` is always the parsing click's, so its module names the right classes either way.
+    """
+    modules = [sys.modules[typer.BadParameter.__module__]]
+    try:
+        import click.exceptions
+
+        modules.append(click.exceptions)
+    except ImportError:  # typer 0.29 needs no click at all
+        pass
+    usage_errors = tuple(module.ClickException for module in modules)
+    aborts = tuple({typer.Abort, *(module.Abort for module in modules if hasattr(module, "Abort"))})
+    return usage_errors, aborts
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback; an interrupt
     (Ctrl-C, SIGTERM) at any moment ends in 130, even when a library swallowed or converted it on the way."""
@@ -309,25 +327,20 @@ def _exit_interrupted() -> None:
 
 def _main() -> None:
     _quiet_libraries()
+    usage_errors, aborts = _click_exception_classes()
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="dpo-cli", standalone_mode=False)  # not "python -m dpo_cli" in the usage line
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as error:  # click's own usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Abort):
-            sys.exit(130)
-        raise
-    except SystemExit:
-        raise
+    except usage_errors as error:  # a mistyped command, option or value: the usage line, exit 2 (its own code)
+        error.show()
+        sys.exit(error.exit_code)
+    except aborts:
+        sys.exit(130)
     # Outside standalone mode typer turns Ctrl-C into Exit(130) and *returns* that code rather than exiting with it.
     if code == 130:
         print("error: interrupted", file=sys.stderr)

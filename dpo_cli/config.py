@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ from dpo_cli.errors import UserError
 from dpo_cli.files import read_user_text, write_text_atomic
 
 RECIPE_FILENAME = "recipe.yaml"
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+"""The devices model.resolve_device understands: auto, cpu, cuda, cuda:N."""
 
 
 @dataclass
@@ -39,6 +43,9 @@ class ModelSection:
     trust_remote_code: bool = False
 
     def __post_init__(self):
+        _check_finite_floats("model", self)
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise UserError(f"recipe key model.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         _check_choice("model.compute_dtype", self.compute_dtype, ("auto", "bfloat16", "float16", "float32"))
 
 
@@ -51,6 +58,7 @@ class LoraSection:
     """Module names to adapt; ["all-linear"] adapts every linear layer but the LM head."""
 
     def __post_init__(self):
+        _check_finite_floats("lora", self)
         _check_positive("lora.r", self.r)
         _check_positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
@@ -92,6 +100,7 @@ class DataSection:
         from dpo_cli.data import ON_INVALID_CHOICES  # late: data pulls in the readers, configs load without them
         from dpo_cli.formats import FORMAT_CHOICES, parse_columns
 
+        _check_finite_floats("data", self)
         _check_positive("data.max_length", self.max_length)
         _check_choice("data.format", self.format, FORMAT_CHOICES)
         _check_choice("data.on_invalid", self.on_invalid, ON_INVALID_CHOICES)
@@ -132,12 +141,20 @@ class TrainingSection:
     still the mean over the pairs of an optimizer step."""
 
     def __post_init__(self):
+        _check_finite_floats("training", self)
         for key in ("batch_size", "grad_accum", "eval_batch_size"):
             _check_positive(f"training.{key}", getattr(self, key))
         for key in ("max_steps", "save_steps", "eval_steps", "save_total_limit", "max_tokens_per_batch"):
             if getattr(self, key) < 0:
                 raise UserError(f"recipe key training.{key}: {getattr(self, key)} is negative; use 0 or more")
-        if self.max_steps == 0 and self.epochs <= 0:
+        for key in ("epochs", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise UserError(f"recipe key training.{key}: {getattr(self, key)} is negative; use 0 or more")
+        # Clipping to a norm of 0 would zero every gradient; a large value turns clipping off instead.
+        _check_positive("training.max_grad_norm", self.max_grad_norm)
+        if not 0 <= self.seed < 2**63:  # torch seeds are 64-bit; each epoch's order uses seed + epoch
+            raise UserError(f"recipe key training.seed: {self.seed} is outside [0, 2**63); use e.g. 42")
+        if self.max_steps == 0 and self.epochs == 0:
             raise UserError("recipe keys training.max_steps and training.epochs are both 0; set one of them")
         if self.lr <= 0:
             raise UserError(f"recipe key training.lr: {self.lr} must be positive, e.g. 5e-5")
@@ -178,6 +195,7 @@ class DpoSection:
     def __post_init__(self):
         from dpo_cli import losses  # late: losses imports torch, configs load without it
 
+        _check_finite_floats("dpo", self)
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
         if not self.loss_type:
@@ -303,6 +321,17 @@ class Recipe:
     def save(self, path: Path) -> None:
         header = "# The fully resolved recipe of this run: `dpo-cli train THIS_FILE` repeats it.\n"
         write_text_atomic(path, header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_finite_floats(section: str, values: Any) -> None:
+    """Refuse inf and nan in any float setting: they pass every range check (nan compares false to everything) and
+    then poison the run, e.g. `--epochs inf` never ends and `lr: .nan` turns every weight into nan."""
+    for item in dataclasses.fields(values):
+        value = getattr(values, item.name)
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                example = f"; e.g. {item.default}" if isinstance(item.default, float) else ""
+                raise UserError(f"recipe key {section}.{item.name}: {number} is not a finite number{example}")
 
 
 def _check_positive(key: str, value: float) -> None:

@@ -22,7 +22,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"recipe key model.device: {name!r} but no CUDA GPU is visible; use 'auto' or 'cpu'")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise UserError(
+            f"recipe key model.device: {name!r} but {visible} CUDA GPU(s) are visible; use cuda:0 to cuda:{visible - 1}"
+        )
+    return device
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:

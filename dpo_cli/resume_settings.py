@@ -53,7 +53,7 @@ def _file_contents(paths: list[str]) -> list[list[str | None]]:
     for path in paths:
         try:
             contents.append([path, file_fingerprint(Path(path))])
-        except OSError:
+        except (OSError, UserError):  # reading the data says why, with the file's place
             contents.append([path, None])
     return contents
 
