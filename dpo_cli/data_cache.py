@@ -101,8 +101,10 @@ def file_fingerprint(path: Path) -> str:
     try:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
+            if not file.is_file():  # a pipe or device: opening it could wait forever for a writer
+                raise UserError(f"{file}: is not a regular file (a pipe, device or socket); pass a data file")
             if path.is_dir():
-                digest.update(str(file.relative_to(path)).encode() + b"\0")
+                digest.update(os.fsencode(file.relative_to(path)) + b"\0")  # names need not be UTF-8
             with file.open("rb") as handle:
                 while chunk := handle.read(HASH_CHUNK):
                     digest.update(chunk)
