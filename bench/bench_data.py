@@ -2,7 +2,7 @@
 
 A script, not a test. It writes `--pairs` explicit {"prompt","chosen","rejected"} records (story-like sentences of
 random words, about 20/30/30 tokens, some with non-ASCII punctuation) to a temporary JSONL, then runs
-`dpo_cli.tokenization.load_tokenized_split` on it exactly as `dpo-cli train` does, each phase in its own subprocess
+`dpo_cli.data.tokenize.load_tokenized_split` on it exactly as `dpo-cli train` does, each phase in its own subprocess
 so its memory is its own:
 
 - cold: an empty cache, so the file is read, checked, written to Arrow and tokenized on all cores;
@@ -77,8 +77,8 @@ def worker(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     from dpo_cli.config import DataSection
-    from dpo_cli.model import load_tokenizer
-    from dpo_cli.tokenization import load_tokenized_split
+    from dpo_cli.data.tokenize import load_tokenized_split
+    from dpo_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     after_imports = current_rss_mib()

@@ -34,8 +34,8 @@ def load(args):
     from rich.console import Console
 
     from dpo_cli.config import DataSection, LoraSection, ModelSection
-    from dpo_cli.model import add_lora, load_base_model, load_tokenizer
-    from dpo_cli.tokenization import load_tokenized_split
+    from dpo_cli.data.tokenize import load_tokenized_split
+    from dpo_cli.model.load import add_lora, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     cache = tempfile.mkdtemp(prefix="bench-layouts-")  # prepared data stays out of the user's cache
@@ -53,7 +53,7 @@ def load(args):
 
 def one_micro_batch(model, batch, dpo) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds of this process, loss): CPU time stays steady when other work shares the CPU."""
-    from dpo_cli.objective import score_batch
+    from dpo_cli.dpo.scoring import score_batch
 
     started, started_cpu = time.perf_counter(), time.process_time()
     scores = score_batch(model, batch, dpo)
@@ -76,8 +76,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from dpo_cli.batching import collate
     from dpo_cli.config import DpoSection
+    from dpo_cli.dpo.layouts import collate
 
     torch.manual_seed(0)
     tokenizer, pairs, model = load(args)

@@ -1,7 +1,7 @@
 """Micro-benchmark of completion log-probs through an LM head: forward + backward, time and peak memory.
 
 Compares, on the same hidden states, LM-head weight and targets:
-- `fused`: dpo-cli's `dpo_cli.logprobs.token_logps` (chunks of tokens, logits recomputed in backward);
+- `fused`: dpo-cli's `dpo_cli.dpo.logprobs.token_logps` (chunks of tokens, logits recomputed in backward);
 - `full`: the plain way, `(N, V)` logits in the compute dtype, float32 log_softmax, gather;
 - `trl`: TRL 1.16's `ChunkedLogProbFunction` with the outputs DPOTrainer asks of it (log-probs, entropy, mean
   logit, top-1), as its fused LM head runs it (when TRL is installed).
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchlib  # noqa: E402
 
-from dpo_cli.logprobs import DEFAULT_CHUNK_ELEMENTS, token_logps  # noqa: E402
+from dpo_cli.dpo.logprobs import DEFAULT_CHUNK_ELEMENTS, token_logps  # noqa: E402
 
 CPU_SIZES = "2048x32000x1024,2048x128256x512,4096x128256x256"
 CUDA_SIZES = "2048x128256x1024,2048x128256x4096,4096x128256x4096"

@@ -1,7 +1,7 @@
 """Training-step benchmark: dpo-cli's Trainer against TRL 1.16's DPOTrainer, same model, data and settings.
 
 Each tool runs in its own subprocess (clean memory numbers, no shared caches): it loads the same base model the same
-way (`dpo_cli.model.load_base_model`, 4-bit NF4 by default), adds the same LoRA adapter (`lora_config`), reads the
+way (`dpo_cli.model.load.load_base_model`, 4-bit NF4 by default), adds the same LoRA adapter (`lora_config`), reads the
 same preference file in the same order (a seeded shuffle written once by the parent, read sequentially by both), and
 runs `--warmup` + `--steps` optimizer steps with the same batch size, max_length, learning rate, beta, constant
 schedule, grad clipping and gradient checkpointing setting. dpo-cli is driven through `Trainer.train_step()`, TRL
@@ -160,9 +160,9 @@ def source_records(args, workdir: Path) -> tuple[list[dict], str]:
             raise SystemExit(f"--data stories needs {STORIES_DATA} (the ../shared material); use --data tiny instead")
         return read_records(STORIES_DATA), f"stories-happy train ({STORIES_DATA})"
     if args.data == "tiny":
-        from dpo_cli.tiny import make_pairs
+        from dpo_cli.demo.tiny import make_pairs
 
-        return make_pairs(400, seed=1), "dpo_cli.tiny pairs (400)"
+        return make_pairs(400, seed=1), "dpo_cli.demo.tiny pairs (400)"
     if args.data == "hh-synthetic":
         return hh_synthetic_pairs(400, args.max_length, args.seed), "hh-synthetic (400 generated multi-turn pairs)"
     path = Path(args.data)
@@ -173,7 +173,7 @@ def source_records(args, workdir: Path) -> tuple[list[dict], str]:
 
 def drop_long_prompts(records: list[dict], model_path: str, max_length: int) -> tuple[list[dict], int]:
     """The pairs whose prompt leaves room for a completion: TRL drops the others, and dpo-cli drops or refuses them."""
-    from dpo_cli.model import load_tokenizer
+    from dpo_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     kept = [r for r in records if len(tokenizer(r["prompt"])["input_ids"]) < max_length - 1]
@@ -196,7 +196,7 @@ def synthetic_model(args, texts: list[str], root: Path, device: str) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_cli.tiny import build_tokenizer
+    from dpo_cli.demo.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(texts)
     heads = args.heads or max(1, args.hidden // 64)
@@ -231,10 +231,10 @@ def resolve_model(args, records: list[dict], workdir: Path, device: str) -> tupl
             raise SystemExit(f"--model stories260K needs {STORIES_MODEL}; use --model tiny or --model synthetic")
         return str(STORIES_MODEL), "stories260K (Llama, dim 64, 5 layers, vocab 512)"
     if args.model == "tiny":
-        from dpo_cli.tiny import build_demo
+        from dpo_cli.demo.tiny import build_demo
 
         paths = build_demo(workdir / "tiny", pretrain_steps=0, train_pairs=50, test_pairs=10)
-        return str(paths["model"]), "dpo_cli.tiny Llama (dim 64, 2 layers, vocab 384)"
+        return str(paths["model"]), "dpo_cli.demo.tiny Llama (dim 64, 2 layers, vocab 384)"
     if args.model == "synthetic":
         texts = [r["prompt"] + r[key] for r in records for key in ("chosen", "rejected")]
         path = synthetic_model(args, texts, workdir / "synthetic-model", device)
@@ -291,9 +291,9 @@ def run_dpo_cli(spec: Spec) -> WorkerResult:
     import torch
     from rich.console import Console
 
-    from dpo_cli.batching import collate_padded
     from dpo_cli.config import DataSection, DpoSection, LoraSection, ModelSection, Recipe, TrainingSection
-    from dpo_cli.train import Trainer
+    from dpo_cli.dpo.layouts import collate_padded
+    from dpo_cli.run.loop import Trainer
 
     device = torch.device(spec.device)
     started = time.perf_counter()
@@ -373,7 +373,7 @@ def run_trl(spec: Spec) -> WorkerResult:
     from trl import DPOConfig, DPOTrainer
 
     from dpo_cli.config import LoraSection, ModelSection
-    from dpo_cli.model import load_base_model, load_tokenizer, lora_config
+    from dpo_cli.model.load import load_base_model, load_tokenizer, lora_config
 
     device = torch.device(spec.device)
     started = time.perf_counter()

@@ -8,7 +8,7 @@ import sys
 
 
 def run() -> None:
-    from dpo_cli import interrupts
+    from dpo_cli.run import interrupts
 
     interrupts.install()
     try:

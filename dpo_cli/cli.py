@@ -112,8 +112,8 @@ def train(
     """Fine-tune a causal LM with DPO; writes a PEFT adapter folder, the resolved recipe, metrics.jsonl, report.png
     and a model card (README.md)."""
     from dpo_cli.config import load_recipe, parse_set_option
-    from dpo_cli.model_card import write_model_card
-    from dpo_cli.train import train as run_training
+    from dpo_cli.run.loop import train as run_training
+    from dpo_cli.run.model_card import write_model_card
 
     overrides = _overrides_from_flags(
         model=model,
@@ -169,7 +169,7 @@ def data_check(
     import json
 
     from dpo_cli.config import DataSection
-    from dpo_cli.data_check import check_files, has_problems, print_report
+    from dpo_cli.data.check import check_files, has_problems, print_report
 
     flags = {"max_length": max_length, "format": data_format, "columns": columns, "chat_template": chat_template}
     data = DataSection(**{key: str(v) if isinstance(v, Path) else v for key, v in flags.items() if v is not None})
@@ -203,7 +203,7 @@ def eval_(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
     """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base), TRL's metrics."""
-    from dpo_cli.eval_adapter import EvalOptions, run_eval
+    from dpo_cli.run.eval_adapter import EvalOptions, run_eval
 
     reading = {"format": data_format, "columns": columns, "on_invalid": on_invalid, "chat_template": chat_template}
     options = EvalOptions(
@@ -238,8 +238,8 @@ def merge_adapter(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ):
     """Fold the adapter into its base: a plain Transformers model, loadable without PEFT or bitsandbytes."""
-    from dpo_cli.merge import MergeOptions
-    from dpo_cli.merge import merge_adapter as run_merge
+    from dpo_cli.model.merge import MergeOptions
+    from dpo_cli.model.merge import merge_adapter as run_merge
 
     options = MergeOptions(adapter, output, model, dtype, base_weights, force, max_shard_size, trust_remote_code)
     run_merge(options, console)
@@ -257,7 +257,7 @@ def report(
     ),
 ):
     """Draw a run's curves (or overlay several runs) and print a summary table: steps, final and best eval, speed."""
-    from dpo_cli.report import REPORT_FILE, print_summary, report_runs
+    from dpo_cli.run.report import REPORT_FILE, print_summary, report_runs
 
     if output is None:
         output = runs[0] / REPORT_FILE if len(runs) == 1 else Path("comparison.png")
@@ -301,7 +301,7 @@ def _click_exception_classes() -> tuple[tuple[type[BaseException], ...], tuple[t
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback; an interrupt
     (Ctrl-C, SIGTERM) at any moment ends in 130, even when a library swallowed or converted it on the way."""
-    from dpo_cli import interrupts
+    from dpo_cli.run import interrupts
 
     previous_handlers = interrupts.install()
     try:

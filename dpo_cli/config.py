@@ -79,7 +79,7 @@ class DataSection:
     max_length: int = 1024
     """Prompt+completion tokens kept per sequence (the start is kept); a pair whose prompt alone fills it is invalid."""
     format: str = "auto"
-    """auto (detect each file's format from its first record) or one of dpo_cli.formats.FORMATS, e.g. hh-rlhf."""
+    """auto (detect each file's format from its first record) or one of dpo_cli.data.formats.FORMATS, e.g. hh-rlhf."""
     columns: str = ""
     """Map the file's names onto the pair's: "prompt=question,chosen=response_j,rejected=response_k"."""
     on_invalid: str = "error"
@@ -97,8 +97,10 @@ class DataSection:
     attention can take its mask, else padded). Same numbers in every layout, to float rounding."""
 
     def __post_init__(self):
-        from dpo_cli.data import ON_INVALID_CHOICES  # late: data pulls in the readers, configs load without them
-        from dpo_cli.formats import FORMAT_CHOICES, parse_columns
+        from dpo_cli.data.formats import FORMAT_CHOICES, parse_columns
+        from dpo_cli.data.records import (
+            ON_INVALID_CHOICES,  # late: data pulls in the readers, configs load without them
+        )
 
         _check_finite_floats("data", self)
         _check_positive("data.max_length", self.max_length)
@@ -193,7 +195,7 @@ class DpoSection:
     """Score the reference once over the training data before the first step, so each step runs only the policy."""
 
     def __post_init__(self):
-        from dpo_cli import losses  # late: losses imports torch, configs load without it
+        from dpo_cli.dpo import losses  # late: losses imports torch, configs load without it
 
         _check_finite_floats("dpo", self)
         if isinstance(self.loss_type, str):

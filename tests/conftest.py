@@ -36,7 +36,7 @@ def require_shared(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> dict[str, Path]:
     """The built-in tiny Llama (briefly pretrained), its tokenizer, and train/test preference files."""
-    from dpo_cli.tiny import build_demo
+    from dpo_cli.demo.tiny import build_demo
 
     return build_demo(tmp_path_factory.mktemp("tiny-demo"), pretrain_steps=60, train_pairs=200, test_pairs=40)
 
@@ -44,7 +44,7 @@ def tiny_demo(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def untrained_tiny(tmp_path_factory) -> dict[str, Path]:
     """The tiny Llama untrained (a second, not a minute): for tests that need a model folder and its tokenizer."""
-    from dpo_cli.tiny import build_demo
+    from dpo_cli.demo.tiny import build_demo
 
     return build_demo(tmp_path_factory.mktemp("untrained-tiny"), pretrain_steps=0, train_pairs=40, test_pairs=10)
 
@@ -94,7 +94,7 @@ def narrower_tiny_model(tiny_demo, tmp_path) -> Path:
     """A base that is not the tiny demo's: half its width, same tokenizer."""
     from transformers import AutoTokenizer
 
-    from dpo_cli.tiny import build_model
+    from dpo_cli.demo.tiny import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_demo["model"])
     folder = tmp_path / "narrower"

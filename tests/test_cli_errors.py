@@ -173,7 +173,7 @@ def test_unknown_devices_are_refused(device):
 def test_a_cuda_index_past_the_visible_gpus_is_one_line(monkeypatch):
     import torch
 
-    from dpo_cli.model import resolve_device
+    from dpo_cli.model.load import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -60,18 +60,18 @@ def train_args(tiny: dict[str, Path], output: Path | None, *extra) -> list:
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Any attempt to load a tokenizer or model fails the test: refusals must come first."""
-    import dpo_cli.eval_adapter
-    import dpo_cli.merge
-    import dpo_cli.train
+    import dpo_cli.model.merge
+    import dpo_cli.run.eval_adapter
+    import dpo_cli.run.loop
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the refusal")
 
     for module, name in (
-        (dpo_cli.train, "load_tokenizer"),
-        (dpo_cli.eval_adapter, "load_base_tokenizer"),
-        (dpo_cli.merge, "load_base_tokenizer"),
-        (dpo_cli.merge, "load_policy"),
+        (dpo_cli.run.loop, "load_tokenizer"),
+        (dpo_cli.run.eval_adapter, "load_base_tokenizer"),
+        (dpo_cli.model.merge, "load_base_tokenizer"),
+        (dpo_cli.model.merge, "load_policy"),
     ):
         monkeypatch.setattr(module, name, loaded)
 
@@ -512,7 +512,7 @@ def test_merge_max_shard_size_is_checked_before_loading(tiny_adapter, tmp_path, 
 
 
 def test_shard_sizes_read_as_hugging_face_reads_them():
-    from dpo_cli.merge import parse_shard_size
+    from dpo_cli.model.merge import parse_shard_size
 
     assert parse_shard_size("5GB") == 5 * 10**9 and parse_shard_size("100kb") == 100_000
     assert parse_shard_size("1.5MB") == 1_500_000 and parse_shard_size("4096") == 4096

@@ -40,7 +40,7 @@ def make_trl_trainer(model, tokenizer, records: list[dict], output_dir: Path, lo
     from trl import DPOTrainer
 
     from dpo_cli.config import LoraSection
-    from dpo_cli.model import lora_config
+    from dpo_cli.model.load import lora_config
 
     args = cpu_dpo_config(output_dir, len(records), **config)
     trainer = DPOTrainer(

@@ -1,0 +1,160 @@
+"""`dpo-cli data check FILE...`: what is in a set of preference files, before any training time is spent on them.
+
+For each file: the detected format, how many records and pairs, the invalid records per reason (with the first
+places), exact duplicates and pairs whose chosen equals rejected. With a model's tokenizer also the token lengths
+of prompt, chosen and rejected (mean, p50, p95, max) and how many pairs `max_length` would cut or drop. The report
+is a rich table for people or JSON for machines; checking prepares the data the same way training does, so a
+check warms the cache for the run that follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from dpo_cli.config import DataSection
+from dpo_cli.data.records import InvalidRecord, ReadResult, invalid_by_reason
+
+FIRST_PLACES = 3
+TOKEN_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def check_files(
+    paths: list[str], data: DataSection, model: str | None, console: Console, trust_remote_code: bool = False
+) -> dict:
+    """The report of `paths` read with `data`'s settings; every problem is counted, none stops the check.
+
+    `trust_remote_code` (from --trust-remote-code) lets the model's tokenizer run its own code.
+    """
+    data = dataclasses.replace(data, train=list(paths), on_invalid="skip")
+    if model is None:
+        return _check_without_tokenizer(paths, data, console)
+    from dpo_cli.data.tokenize import prepare_split
+    from dpo_cli.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    prepared = prepare_split(tokenizer, list(paths), data, "checked", console)
+    columns = prepared.tokenized.select_columns(
+        ["file_index", "pair_hash", "prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated", "problem"]
+    ).with_format("numpy")[:]
+    problems = prepared.tokenization_problems(prepared.problem_rows())
+    report = _report(prepared.read, problems, columns, data.max_length)
+    report["model"] = model
+    return report
+
+
+def _check_without_tokenizer(paths: list[str], data: DataSection, console: Console) -> dict:
+    from datasets import Dataset
+
+    from dpo_cli.data.tokenize import read_options, write_texts
+
+    with tempfile.TemporaryDirectory(prefix="dpo-cli-check-") as folder:
+        read, _ = write_texts(Path(folder), list(paths), read_options(data))
+        texts = Dataset.from_file(str(Path(folder) / "texts.arrow"))
+        columns = texts.select_columns(["file_index", "pair_hash"]).with_format("numpy")[:]
+        del texts  # release the memory map before the folder goes
+    report = _report(read, [], columns, data.max_length)
+    report["model"] = None
+    return report
+
+
+def _report(read: ReadResult, problems: list[InvalidRecord], columns: dict, max_length: int) -> dict:
+    """Per file and in total. `columns` are numpy arrays, one entry per pair that passed the record checks."""
+    files = []
+    for index, file in enumerate(read.files):
+        rows = columns["file_index"] == index
+        invalid = [r for r in read.invalid + problems if r.file == file.path]
+        files.append(
+            {"path": file.path, "format": file.format, "records": file.records, "pairs": int(rows.sum())}
+            | _summary(invalid, columns, rows, max_length)
+        )
+    everything = np.ones(len(columns["file_index"]), dtype=bool)
+    total = {
+        "formats": sorted({file.format for file in read.files}),
+        "records": sum(file.records for file in read.files),
+        "pairs": len(everything),
+    } | _summary(read.invalid + problems, columns, everything, max_length)
+    return {"max_length": max_length, "files": files, "total": total}
+
+
+def _summary(invalid: list[InvalidRecord], columns: dict, rows: np.ndarray, max_length: int) -> dict:
+    hashes = columns["pair_hash"][rows]
+    reasons = Counter(r.reason for r in invalid)
+    summary = {
+        "invalid": {
+            reason: {
+                "count": len(records),
+                "first": [r.source for r in records[:FIRST_PLACES]],
+                "message": records[0].message,
+            }
+            for reason, records in invalid_by_reason(invalid).items()
+        },
+        "duplicates": int(len(hashes) - len(np.unique(hashes))),
+        "chosen_equals_rejected": reasons["chosen equals rejected"],
+    }
+    if "prompt_tokens" in columns:
+        # Pairs set aside unrendered (a template error) or untokenized (a prompt far over max_length) have no counts.
+        tokenized = rows & (columns["problem"] != "chat template error") & (columns["prompt_tokens"] >= 0)
+        summary["tokens"] = {field: _stats(columns[f"{field}_tokens"][tokenized]) for field in TOKEN_FIELDS}
+        summary["truncated"] = int(columns["truncated"][rows].sum())
+        summary["dropped"] = reasons["prompt fills max_length"]
+    return summary
+
+
+def _stats(lengths: np.ndarray) -> dict:
+    if len(lengths) == 0:
+        return {"mean": 0.0, "p50": 0, "p95": 0, "max": 0}
+    p50, p95 = np.percentile(lengths, [50, 95])
+    return {"mean": round(float(lengths.mean()), 1), "p50": float(p50), "p95": float(p95), "max": int(lengths.max())}
+
+
+def has_problems(report: dict) -> bool:
+    return bool(report["total"]["invalid"])
+
+
+def print_report(report: dict, console: Console) -> None:
+    files = Table(title="files", title_justify="left")
+    files.add_column("file", overflow="fold")
+    files.add_column("format")
+    for name in ("records", "pairs"):
+        files.add_column(name, justify="right")
+    files.add_column("invalid", justify="right")
+    files.add_column("duplicates", justify="right")
+    for file in report["files"]:
+        invalid = sum(entry["count"] for entry in file["invalid"].values())
+        files.add_row(
+            file["path"], file["format"], f"{file['records']:,}", f"{file['pairs']:,}", f"{invalid:,}",
+            f"{file['duplicates']:,}",
+        )  # fmt: skip
+    console.print(files)
+    total = report["total"]
+    if total["invalid"]:
+        problems = Table(title="invalid records", title_justify="left")
+        for name in ("reason", "count", "first", "first message"):
+            problems.add_column(name, justify="right" if name == "count" else "left", overflow="fold")
+        for reason, entry in total["invalid"].items():
+            problems.add_row(reason, f"{entry['count']:,}", "\n".join(entry["first"]), entry["message"])
+        console.print(problems)
+    if "tokens" in total:
+        tokens = Table(title=f"tokens ({report['model']})", title_justify="left")
+        for name in ("", "mean", "p50", "p95", "max"):
+            tokens.add_column(name, justify="left" if not name else "right")
+        for field, stats in total["tokens"].items():
+            tokens.add_row(field, f"{stats['mean']:.1f}", f"{stats['p50']:g}", f"{stats['p95']:g}", f"{stats['max']:,}")
+        console.print(tokens)
+        console.print(
+            f"max_length={report['max_length']}: {total['truncated']:,} pairs would have a completion cut, "
+            f"{total['dropped']:,} would be dropped (the prompt alone fills it)",
+            markup=False,
+        )
+    console.print(
+        f"{total['pairs']:,} pairs from {total['records']:,} records; {total['duplicates']:,} exact duplicates, "
+        f"{total['chosen_equals_rejected']:,} with chosen equal to rejected",
+        markup=False,
+    )

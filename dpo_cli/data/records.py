@@ -1,0 +1,162 @@
+"""Reading and checking preference files: every record of every file becomes pairs, or a problem with its place.
+
+Files are opened by `readers` (containers), their format is detected from the first record (or forced), and each
+record goes through its format's function in `formats`. Every pair remembers where it came from, so a problem is
+reported as `file:line: field 'x': what is wrong; what to do`. With `on_invalid="error"` the first problem stops
+the run with that line; with `"skip"` bad records are set aside as `InvalidRecord`s, counted by reason in the
+summary and written to a file, so nothing is lost silently. Bad input is normal input: nothing here raises
+anything but `UserError` for a problem in the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpo_cli.data.formats import FORMATS, Pair, RecordProblem, detect_format, rename_columns, unknown_format_error
+from dpo_cli.data.readers import MAX_RECORD_BYTES, open_records
+from dpo_cli.errors import UserError
+from dpo_cli.files import write_text_atomic
+
+ON_INVALID_CHOICES = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class PreferencePair(Pair):
+    source: str
+    """Where the record came from, as `file:line`, for error messages."""
+
+
+@dataclass
+class ReadOptions:
+    format: str = "auto"
+    """A name from `formats.FORMATS`, or auto to detect each file's format from its first record."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """{pair field: column in the file}, applied before detection."""
+    on_invalid: str = "error"
+    max_record_bytes: int = MAX_RECORD_BYTES
+    """A longer record is set aside unread (see `tokenization.read_options` for the bound training uses)."""
+
+
+@dataclass
+class InvalidRecord:
+    file: str
+    source: str
+    reason: str
+    message: str
+    """The one-line explanation, with place, field and fix."""
+    record: str
+    """The record's text as it was in the file."""
+
+
+@dataclass
+class FileReport:
+    path: str
+    format: str = ""
+    records: int = 0
+    pairs: int = 0
+    invalid: int = 0
+
+
+@dataclass
+class ReadResult:
+    """What reading a split found besides its pairs."""
+
+    files: list[FileReport] = field(default_factory=list)
+    invalid: list[InvalidRecord] = field(default_factory=list)
+
+
+def iter_file_pairs(path: Path, options: ReadOptions, result: ReadResult) -> Iterator[PreferencePair]:
+    """The pairs of one file, in order; problems raise or are added to `result.invalid`, per `options.on_invalid`."""
+    report = FileReport(str(path), format="" if options.format == "auto" else options.format)
+    result.files.append(report)
+    for raw in open_records(Path(path), options.max_record_bytes):
+        report.records += 1
+        try:
+            if raw.problem is not None:
+                raise raw.problem
+            record = _as_object(raw.value)
+            record = rename_columns(record, options.columns)
+            if not report.format:
+                report.format = detect_format(record) or ""
+                if not report.format:
+                    raise unknown_format_error(raw.where, record)
+            pairs = FORMATS[report.format](record)
+        except RecordProblem as problem:
+            report.invalid += 1
+            invalid = InvalidRecord(str(path), raw.where, problem.reason, problem.line(raw.where), raw.text)
+            if options.on_invalid == "error":
+                raise UserError(f"{invalid.message} (or pass --on-invalid skip to set bad records aside)") from None
+            result.invalid.append(invalid)
+            continue
+        report.pairs += len(pairs)
+        for pair in pairs:
+            yield PreferencePair(pair.prompt, pair.chosen, pair.rejected, raw.where)
+    if report.records == 0:
+        raise UserError(f"{path}: no records; the file is empty")
+
+
+def _as_object(value: object) -> dict:
+    if not isinstance(value, dict):
+        kind = {list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+        raise RecordProblem("not an object", None, f"expected a JSON object, got {kind}", "one record per line")
+    return value
+
+
+# Reporting what was set aside ---------------------------------------------------------------------------------------
+
+
+def invalid_by_reason(invalid: list[InvalidRecord]) -> dict[str, list[InvalidRecord]]:
+    grouped: dict[str, list[InvalidRecord]] = defaultdict(list)
+    for record in invalid:
+        grouped[record.reason].append(record)
+    return dict(sorted(grouped.items(), key=lambda item: -len(item[1])))
+
+
+def skipped_summary(invalid: list[InvalidRecord], first: int = 3) -> str:
+    """'2 chosen equals rejected (first: f:12, f:99), 1 invalid JSON (first: f:3)'."""
+    parts = []
+    for reason, records in invalid_by_reason(invalid).items():
+        places = ", ".join(record.source for record in records[:first])
+        parts.append(f"{len(records)} {reason} (first: {places})")
+    return ", ".join(parts)
+
+
+def write_skipped(path: Path, invalid: list[InvalidRecord]) -> None:
+    """One JSON line per skipped record: where it was, why, and its text as it was, to fix and feed back."""
+    write_text_atomic(path, "".join(json_line(dataclasses.asdict(record)) + "\n" for record in invalid))
+
+
+def read_skipped(path: Path) -> list[InvalidRecord]:
+    """The records `write_skipped` wrote; a line that is not one raises ValueError, TypeError or KeyError."""
+    return [InvalidRecord(**json.loads(line)) for line in read_json_lines(path)]
+
+
+# Characters str.splitlines() also breaks lines on; json.dumps escapes only the ASCII ones. Escaping these too keeps
+# one record per line for every reader, while the rest of the text stays readable (no ensure_ascii).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(value: object) -> str:
+    """`value` as one line of JSON that any line reader splits correctly and that encodes as UTF-8 (a lone surrogate,
+    which UTF-8 cannot hold, makes that line fully ASCII-escaped)."""
+    line = json.dumps(value, ensure_ascii=False).translate(_LINE_BREAKS)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return line
+
+
+def read_json_lines(path: Path) -> list[str]:
+    """The non-empty lines of a JSON lines file, split on "\\n" only (not on what str.splitlines() also breaks on)."""
+    return [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def read_jsonl(path: Path) -> Iterator[PreferencePair]:
+    """The pairs of one file of any format and container, with default settings (the first problem stops)."""
+    return iter_file_pairs(Path(path), ReadOptions(), ReadResult())

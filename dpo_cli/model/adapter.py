@@ -1,0 +1,171 @@
+"""A folder written by `dpo-cli train`, opened again: its base model, loaded as training loaded it, with the adapter on.
+
+`eval` and `merge-adapter` take only `--adapter DIR`. The saved recipe (DIR/recipe.yaml) says which base the adapter
+was trained on and how it was loaded (4-bit or not, compute dtype, device); `--model` overrides the base. Before the
+adapter goes on, its weights are checked against the base module by module: PEFT would otherwise stop on a
+size-mismatch traceback, or quietly give fresh (zero) LoRA layers to modules the file has no weights for.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from dpo_cli.config import RECIPE_FILENAME, Recipe, merge_overrides, read_recipe_file, recipe_from_dict
+from dpo_cli.errors import UserError
+from dpo_cli.model.load import (
+    IGNORED_RECIPE_TRUST,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    read_adapter_base,
+    read_adapter_config,
+    resolve_device,
+)
+from dpo_cli.output_folder import file_above
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_NAME = "default"  # the name PEFT gives the one adapter of a folder it loads
+_KEY_PREFIX = "base_model.model."
+
+
+@dataclass
+class TrainedAdapter:
+    path: Path
+    recipe: Recipe
+    """The training run's recipe, with model.path replaced by --model when given."""
+    trust_remote_code: bool = False
+    """Granted by --trust-remote-code on this command line only; the recipe's key is ignored."""
+
+    @property
+    def base_path(self) -> str:
+        return self.recipe.model.path
+
+
+def open_adapter(
+    adapter_dir: Path, model_path: str | None = None, console: Console | None = None, trust_remote_code: bool = False
+) -> TrainedAdapter:
+    """The adapter folder and the recipe it was trained with; a folder without recipe.yaml gets the defaults.
+
+    Both files are checked here, before any model loads: a damaged adapter costs milliseconds, not a model load.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        blocker = file_above(adapter_dir)
+        why = "not found" if blocker is None else f"not found ({blocker} is a file)"
+        raise UserError(f"{adapter_dir}: adapter folder {why}; pass the --output-dir of a `dpo-cli train` run")
+    peft_base = read_adapter_base(adapter_dir)
+    check_adapter_config(adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise UserError(
+            f"{adapter_dir}: no {ADAPTER_WEIGHTS}; the training run did not finish, or this is not its output"
+        )
+    if not adapter_shapes(adapter_dir):
+        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: holds no LoRA weights; the adapter folder is damaged")
+    recipe_path = adapter_dir / RECIPE_FILENAME
+    if recipe_path.is_file():
+        values = read_recipe_file(recipe_path)
+    else:
+        values = {}
+        if console is not None:
+            console.print(
+                f"[yellow]{adapter_dir}: no {RECIPE_FILENAME}; assuming a 4-bit base and the default DPO settings"
+                "[/yellow]"
+            )
+    base = model_path or (values.get("model") or {}).get("path") or peft_base
+    recipe = recipe_from_dict(merge_overrides(values, {"model": {"path": base}}))
+    if recipe.model.trust_remote_code and not trust_remote_code and console is not None:
+        console.print(f"[yellow]{adapter_dir / RECIPE_FILENAME}: {IGNORED_RECIPE_TRUST}[/yellow]")
+    return TrainedAdapter(adapter_dir, recipe, trust_remote_code)
+
+
+def check_adapter_config(adapter_dir: Path) -> None:
+    """The keys PEFT needs to rebuild a LoRA adapter are there and sane; anything else is a damaged file."""
+    config = read_adapter_config(adapter_dir)
+    where = f"{Path(adapter_dir) / 'adapter_config.json'}"
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{where}: peft_type is {config.get('peft_type')!r}, not 'LORA'; this is not a LoRA adapter")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise UserError(f"{where}: key r is {rank!r}, not a positive integer; the adapter folder is damaged")
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha <= 0:
+        raise UserError(f"{where}: key lora_alpha is {alpha!r}, not a positive number; the adapter folder is damaged")
+    targets = config.get("target_modules")
+    if not targets or not isinstance(targets, (str, list)):
+        raise UserError(f"{where}: key target_modules is {targets!r}; the adapter folder is damaged")
+
+
+def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
+    """{module name: (in_features, out_features)} of every LoRA pair in the adapter file, read from its header."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    shapes: dict[str, list[int]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            for key in weights.keys():
+                name = key.removeprefix(_KEY_PREFIX)
+                for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):  # A: (r, in), B: (out, r)
+                    if name.endswith(part):
+                        module = name.removesuffix(part)
+                        shapes.setdefault(module, [0, 0])[1 - dim] = weights.get_slice(key).get_shape()[dim]
+    except (SafetensorError, OSError) as error:  # empty, truncated, or not safetensors at all
+        raise UserError(f"{path}: not a readable safetensors file ({error}); the adapter folder is damaged") from None
+    return {module: (in_out[0], in_out[1]) for module, in_out in shapes.items()}
+
+
+def check_adapter_fits(base_model, adapter_dir: Path, base_path: str) -> None:
+    """Every module the adapter file adapts exists in the base with the same in/out features."""
+    hint = f"pass --model with the base it was trained on ({read_adapter_base(adapter_dir) or 'see its recipe'})"
+    for module_name, (in_features, out_features) in adapter_shapes(adapter_dir).items():
+        try:
+            module = base_model.get_submodule(module_name)
+        except AttributeError:
+            raise UserError(
+                f"{adapter_dir}: adapter is for another base: it adapts {module_name}, which {base_path} lacks; {hint}"
+            ) from None
+        have = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+        if have != (in_features, out_features):
+            raise UserError(
+                f"{adapter_dir}: adapter is for another base: {module_name} is {in_features}->{out_features} in the "
+                f"adapter but {have[0]}->{have[1]} in {base_path}; {hint}"
+            )
+
+
+def check_no_fresh_layers(model, adapter_dir: Path, base_path: str) -> None:
+    """PEFT adapts every module whose name matches target_modules; each must have had weights in the file."""
+    from peft.tuners.lora import LoraLayer
+
+    in_file = set(adapter_shapes(adapter_dir))
+    fresh = [
+        name.removeprefix(_KEY_PREFIX)
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and name.removeprefix(_KEY_PREFIX) not in in_file
+    ]
+    if fresh:
+        raise UserError(
+            f"{adapter_dir}: adapter is for another base: {base_path} has {len(fresh)} adapted modules the adapter has "
+            f"no weights for (first: {fresh[0]}); pass --model with the base it was trained on"
+        )
+
+
+def load_base_tokenizer(adapter: TrainedAdapter):
+    """The base model's tokenizer, set up as training set it up (pad token included)."""
+    return load_tokenizer(adapter.base_path, adapter.trust_remote_code)
+
+
+def load_policy(adapter: TrainedAdapter):
+    """The PeftModel: base (4-bit unless the recipe says otherwise) + adapter, in eval mode, nothing trainable.
+
+    With its adapters disabled (`dpo_cli.model.load.reference_mode`) it is the reference.
+    """
+    config = adapter.recipe.model
+    base = load_base_model(config, resolve_device(config.device), adapter.trust_remote_code)
+    check_adapter_fits(base, adapter.path, config.path)
+    model = load_adapter(base, adapter.path, trainable=False)
+    check_no_fresh_layers(model, adapter.path, config.path)
+    model.eval()
+    return model

@@ -1,0 +1,70 @@
+"""Preference metrics of a policy against its reference over held-out pairs, without gradients.
+
+Used by `dpo-cli train` for its eval steps and by `dpo-cli eval`. Metrics are per-pair means over the whole data
+set, with TRL's names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dpo_cli.config import DpoSection
+from dpo_cli.dpo.layouts import collate
+from dpo_cli.dpo.scoring import score_batch
+from dpo_cli.run.metrics import PairMetrics
+
+
+def evaluate_pairs(
+    model,
+    pairs: Sequence,
+    pad_token_id: int,
+    dpo: DpoSection,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+    per_pair: list[dict] | None = None,
+    layout: str = "padded",
+) -> dict[str, float]:
+    """Metrics over `pairs`; with `per_pair` a list, one row per pair (rewards, margin, ranked right) is appended."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    metrics = PairMetrics()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(pairs), batch_size):
+                chunk = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
+                batch = collate(layout, chunk, pad_token_id).to(device)
+                scores = score_batch(model, batch, dpo)
+                metrics.add(
+                    scores.losses,
+                    scores.chosen_rewards,
+                    scores.rejected_rewards,
+                    scores.logps.chosen,
+                    scores.logps.rejected,
+                )
+                if per_pair is not None:
+                    _append_rows(per_pair, start, scores)
+                if on_batch is not None:
+                    on_batch(len(chunk))
+    finally:
+        model.train(was_training)
+    return {**metrics.means(), "num_pairs": metrics.count}
+
+
+def _append_rows(rows: list[dict], start: int, scores) -> None:
+    for i in range(scores.losses.shape[0]):
+        chosen, rejected = float(scores.chosen_rewards[i]), float(scores.rejected_rewards[i])
+        rows.append(
+            {
+                "index": start + i,
+                "loss": float(scores.losses[i]),
+                "reward_chosen": chosen,
+                "reward_rejected": rejected,
+                "margin": chosen - rejected,
+                "correct": chosen > rejected,
+                "logps_chosen": float(scores.logps.chosen[i]),
+                "logps_rejected": float(scores.logps.rejected[i]),
+            }
+        )

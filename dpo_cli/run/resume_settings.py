@@ -1,0 +1,119 @@
+"""What a checkpoint depends on, and which recipe changes a `--resume` can take.
+
+A checkpoint is the state of one run: its optimizer moments belong to one LoRA shape on one model, and its data
+position (micro-batches done) means something only for the same pairs, batch size, accumulation and seed. Those
+settings are *fixed*: a resumed run that changes one is refused in one line naming it, with the old and new value,
+before any model is loaded. The schedule and cadence are *changeable*: the resumed run applies the new value from
+its first step and says so. Settings in neither list (device, gradient checkpointing, eval files, cache folder,
+...) do not change what the steps compute, or only where things go, and are not checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from dpo_cli.config import Recipe
+from dpo_cli.errors import UserError
+
+FIXED = {
+    "model": ("path", "quantize", "compute_dtype"),
+    "lora": ("r", "alpha", "dropout", "target_modules"),
+    "data": ("train", "max_length", "format", "columns", "chat_template", "eval_split"),
+    "training": ("batch_size", "grad_accum", "seed", "max_tokens_per_batch"),
+    "dpo": tuple(f.name for f in dataclasses.fields(Recipe().dpo) if f.name != "precompute_ref"),
+}
+"""Settings the saved optimizer state and data position only fit unchanged (precompute_ref only changes when the
+reference log-probs are computed, not their values)."""
+CHANGEABLE = {
+    "training": (
+        "lr",
+        "scheduler",
+        "warmup_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "max_steps",
+        "epochs",
+        "save_steps",
+        "save_total_limit",
+        "eval_steps",
+        "eval_batch_size",
+    ),
+}
+"""Settings a resumed run applies as stated: the learning-rate schedule (recomputed for the step reached) and
+when to stop, save and evaluate."""
+TRAIN_PAIRS = "train pairs"
+
+
+def _file_contents(paths: list[str]) -> list[list[str | None]]:
+    """(path, content hash) of each file; None for one that cannot be read (reading it later says why)."""
+    from dpo_cli.data.cache import file_fingerprint
+
+    contents = []
+    for path in paths:
+        try:
+            contents.append([path, file_fingerprint(Path(path))])
+        except (OSError, UserError):  # reading the data says why, with the file's place
+            contents.append([path, None])
+    return contents
+
+
+def _local_path(path: str) -> str:
+    """A model folder by its absolute path, so `./m` and `/abs/m` are the same model; hub ids as given."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
+def _values(recipe: Recipe, keys: dict[str, tuple[str, ...]]) -> dict:
+    values = {}
+    for section, names in keys.items():
+        for name in names:
+            values[f"{section}.{name}"] = getattr(getattr(recipe, section), name)
+    return values
+
+
+def fixed_settings(recipe: Recipe) -> dict:
+    values = _values(recipe, FIXED)
+    values["model.path"] = _local_path(recipe.model.path)
+    values["data.train"] = _file_contents(recipe.data.train)
+    values["data.chat_template"] = _file_contents([recipe.data.chat_template]) if recipe.data.chat_template else []
+    return values
+
+
+def changeable_settings(recipe: Recipe) -> dict:
+    return _values(recipe, CHANGEABLE)
+
+
+def _describe(key: str, value) -> str:
+    if key in ("data.train", "data.chat_template"):
+        files = [f"{path} [content {digest[:8] if digest else 'unreadable'}]" for path, digest in value]
+        return ", ".join(files) or "none"
+    return repr(value)
+
+
+def _same(key: str, saved, now) -> bool:
+    if key in ("data.train", "data.chat_template"):
+        saved_digests, now_digests = [d for _, d in saved], [d for _, d in now]
+        if None in now_digests:
+            return True  # a file that cannot be read is reported by the data reader, in its own words
+        return saved_digests == now_digests
+    if isinstance(saved, list) or isinstance(now, list):
+        return list(saved or []) == list(now or [])
+    return saved == now
+
+
+def refuse_changed_fixed_settings(checkpoint: Path, saved: dict, now: dict) -> None:
+    """One line naming every fixed setting that differs from the checkpoint's, if any."""
+    changed = [key for key in now if key in saved and not _same(key, saved[key], now[key])]
+    if not changed:
+        return
+    details = "; ".join(f"{key} was {_describe(key, saved[key])}, now {_describe(key, now[key])}" for key in changed)
+    raise UserError(
+        f"{checkpoint}: cannot resume with changed settings ({details}); these must stay as they were when the "
+        "checkpoint was saved: rerun with the old values, or start a new run in another --output-dir"
+    )
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """'key old -> new' for each changeable setting the resumed run changes."""
+    return [f"{key} {saved[key]!r} -> {now[key]!r}" for key in now if key in saved and saved[key] != now[key]]
