@@ -44,8 +44,8 @@ PROBE_SEED = 0
 class MergeOptions:
     adapter: Path
     output: Path
-    model: str | None = None
-    """Base model; None: the one in the adapter's recipe."""
+    overrides: dict[str, dict] = field(default_factory=dict)
+    """Recipe settings over the adapter's recipe.yaml, from --model (model.path: another base) and --set."""
     dtype: str = "bfloat16"
     base_weights: str = "nf4"
     force: bool = False
@@ -192,7 +192,7 @@ def remove_stale_merge_temporaries(output: Path) -> None:
 
 def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
     options.check()
-    adapter = open_adapter(options.adapter, options.model, console, options.trust_remote_code)
+    adapter = open_adapter(options.adapter, None, console, options.trust_remote_code, options.overrides)
     check_output_dir(Path(options.output), adapter.path, adapter.base_path, options.force)
     if options.base_weights == "nf4" and not adapter.recipe.model.quantize:
         console.print("the adapter was trained on an unquantized base: merging into its original weights")

@@ -32,23 +32,26 @@ from dpo_cli.run.generate import distinct_prompts, sample_side_by_side
 @dataclasses.dataclass
 class EvalOptions:
     adapter: Path
-    data: list[str]
-    model: str | None = None
-    """Base model; None: the one in the adapter's recipe."""
-    batch_size: int | None = None
-    """Pairs per forward pass; None: the recipe's training.eval_batch_size."""
-    max_length: int | None = None
-    """None: the recipe's data.max_length, as in training."""
+    overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """Recipe settings over the adapter's recipe.yaml, from the flags and --set: data.eval (the files to score),
+    model.path (another base), training.eval_batch_size, data.max_length and the reading settings, dpo.*."""
     output: Path | None = None
     per_example: Path | None = None
     generate: int = 0
     max_new_tokens: int = 64
     samples: Path | None = None
     seed: int = 0
-    reading: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Data reading settings (format, columns, on_invalid, chat_template) over the training run's."""
     trust_remote_code: bool = False
     """From --trust-remote-code on this command line; the adapter's recipe never grants it."""
+
+    @property
+    def data(self) -> list[str]:
+        return [str(path) for path in self.overrides.get("data", {}).get("eval", [])]
+
+    def recipe_overrides(self) -> dict[str, dict]:
+        """The overrides with the training run's data left out: eval reads only its own files, with no split."""
+        data = {**self.overrides.get("data", {}), "train": [], "eval": self.data, "eval_split": 0.0}
+        return {**self.overrides, "data": data}
 
     def outputs(self) -> list[tuple[str, Path]]:
         """(flag, path) of each file this evaluation will write."""
@@ -58,9 +61,6 @@ class EvalOptions:
     def check(self) -> None:
         if not self.data:
             raise UserError("no data to evaluate: pass --data FILE (repeatable)")
-        for flag, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length)):
-            if value is not None and value <= 0:
-                raise UserError(f"{flag} {value}: must be positive")
         if self.generate < 0:
             raise UserError(f"--generate {self.generate}: must be 0 (no samples) or a number of prompts")
         if self.max_new_tokens <= 0:
@@ -71,7 +71,7 @@ class EvalOptions:
 
     def check_outputs(self) -> None:
         """Each output file can be written and replaces nothing but an earlier output of its kind; no two coincide."""
-        inputs = [*self.data, self.reading.get("chat_template", "")]
+        inputs = [*self.data, str(self.overrides.get("data", {}).get("chat_template", ""))]
         seen: dict[Path, str] = {}
         for flag, path in self.outputs():
             if path.is_dir():
@@ -166,14 +166,13 @@ def _print_skipped_places(summary, console: Console) -> None:
 def run_eval(options: EvalOptions, console: Console) -> dict:
     """Evaluate, print the table, write the requested files; returns what `--output` holds."""
     options.check()
-    adapter = open_adapter(options.adapter, options.model, console, options.trust_remote_code)
+    overrides = options.recipe_overrides()
+    adapter = open_adapter(options.adapter, None, console, options.trust_remote_code, overrides)
     options.check_outputs_outside(adapter.path, "the adapter folder")
     options.check_outputs_outside(adapter.base_path, "the base model's folder")
     recipe = adapter.recipe
-    batch_size = options.batch_size or recipe.training.eval_batch_size
-    max_length = options.max_length or recipe.data.max_length
-    paths = [str(p) for p in options.data]
-    reading = dataclasses.replace(recipe.data, train=[], eval=paths, eval_split=0.0, **options.reading)
+    batch_size, max_length = recipe.training.eval_batch_size, recipe.data.max_length
+    reading, paths = recipe.data, recipe.data.eval
     skipped_dir = skipped_records_dir(options) if reading.on_invalid == "skip" else None
     _check_skipped_file(options, skipped_dir)
     tokenizer = load_base_tokenizer(adapter)

@@ -146,7 +146,10 @@ def test_eval_bad_inputs_end_in_one_line(tiny_adapter, tiny_demo, narrower_tiny_
             f"adapter but 64->32 in {narrower_tiny_model}; pass --model with the base it was trained on",
         ),
         (("--adapter", tiny_adapter, "--data", data, "--generate", 2), "--generate needs --samples"),
-        (("--adapter", tiny_adapter, "--data", data, "--batch-size", 0), "--batch-size 0: must be positive"),
+        (
+            ("--adapter", tiny_adapter, "--data", data, "--batch-size", 0),
+            "recipe key training.eval_batch_size: 0 must be positive",
+        ),
         (("--adapter", tiny_adapter, "--data", data, "--output", tmp_path), "is a folder"),
     ]
     for args, message in cases:
