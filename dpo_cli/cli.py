@@ -161,7 +161,15 @@ def merge_adapter(
         max_shard_size=max_shard_size,
         trust_remote_code=trust_remote_code,
     )
-    run_merge(options, console)
+    result = run_merge(options, console)
+    console.print(
+        f"merged the adapter into {result.merged} weights ({result.dequantized} NF4 weights dequantized), "
+        f"{result.dtype}, written to {result.output}"
+    )
+    base = "4-bit base" if result.base_quantized else "base"
+    console.print(f"self-check: max |logit difference| against the {base} + adapter = {result.max_abs_logit_diff:.3g}")
+    if result.base_weights == "original" and result.base_quantized:
+        console.print("(with --base-weights original this includes NF4's rounding of the base, by design)")
 
 
 @app.command()
