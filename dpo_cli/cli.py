@@ -115,7 +115,7 @@ def eval_(
 ):
     """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base), TRL's metrics.
     Settings come from the adapter's recipe.yaml (--model: another base); the flags and --set override them."""
-    from dpo_cli.run.eval_adapter import EvalOptions, run_eval
+    from dpo_cli.run.eval_adapter import EvalOptions, metrics_table, run_eval
 
     options = EvalOptions(
         adapter=adapter,
@@ -128,7 +128,13 @@ def eval_(
         seed=seed,
         trust_remote_code=trust_remote_code,
     )
-    run_eval(options, console)
+    report = run_eval(options, console)
+    result, metrics = report.result, report.result["metrics"]
+    settings = f"loss_type {'+'.join(result['dpo']['loss_type'])}, beta {result['dpo']['beta']}"
+    console.print(f"{result['adapter']} on {metrics['num_pairs']} pairs ({settings})", markup=False)
+    console.print(metrics_table(metrics))
+    for line in report.written:
+        console.print(line)
 
 
 @app.command("merge-adapter")

@@ -106,8 +106,8 @@ def _advancing(label: str, total: int, console: Console) -> Iterator:
         yield lambda done: progress.advance(task, done)
 
 
-def metrics_table(metrics: dict[str, float], title: str) -> Table:
-    table = Table(title=title)
+def metrics_table(metrics: dict[str, float]) -> Table:
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
@@ -163,8 +163,16 @@ def _print_skipped_places(summary, console: Console) -> None:
     )
 
 
-def run_eval(options: EvalOptions, console: Console) -> dict:
-    """Evaluate, print the table, write the requested files; returns what `--output` holds."""
+@dataclasses.dataclass
+class EvalReport:
+    result: dict
+    """What --output holds: adapter, model, data, max_length, the dpo settings scored under, metrics."""
+    written: list[str]
+    """One line per file written, saying what is in it."""
+
+
+def run_eval(options: EvalOptions, console: Console) -> EvalReport:
+    """Evaluate and write the requested files; `console` shows progress, the command prints the report."""
     options.check()
     overrides = options.recipe_overrides()
     adapter = open_adapter(options.adapter, None, console, options.trust_remote_code, overrides)
@@ -192,8 +200,6 @@ def run_eval(options: EvalOptions, console: Console) -> dict:
         metrics = evaluate_pairs(
             model, pairs, tokenizer.pad_token_id, recipe.dpo, batch_size, advance, per_pair, layout=layout
         )
-    console.print(metrics_table(metrics, f"{adapter.path} on {len(pairs)} pairs (beta {recipe.dpo.beta})"))
-
     result = {
         "adapter": str(adapter.path),
         "model": adapter.base_path,
@@ -202,14 +208,7 @@ def run_eval(options: EvalOptions, console: Console) -> dict:
         "dpo": dataclasses.asdict(recipe.dpo),
         "metrics": metrics,
     }
-    if options.output is not None:
-        write_text_atomic(options.output, json.dumps(result, indent=2) + "\n")
-        console.print(f"metrics written to {options.output}")
-    if per_pair is not None:
-        sources = list(pairs["source"])
-        write_jsonl(options.per_example, [{"source": sources[row["index"]], **row} for row in per_pair])
-        wrong = sum(not row["correct"] for row in per_pair)
-        console.print(f"{len(per_pair)} per-pair results ({wrong} ranked wrong) written to {options.per_example}")
+    report = EvalReport(result, _write_outputs(options, result, pairs, per_pair))
     if options.generate:
         indices = distinct_prompts(pairs, options.generate)
         with _advancing("sample", len(indices), console) as advance:
@@ -217,5 +216,19 @@ def run_eval(options: EvalOptions, console: Console) -> dict:
                 model, tokenizer, pairs, indices, options.max_new_tokens, options.seed, batch_size, advance
             )
         write_jsonl(options.samples, rows)
-        console.print(f"{len(rows)} prompts sampled from policy and reference, written to {options.samples}")
-    return result
+        report.written.append(f"{len(rows)} prompts sampled from policy and reference, written to {options.samples}")
+    return report
+
+
+def _write_outputs(options: EvalOptions, result: dict, pairs, per_pair: list[dict] | None) -> list[str]:
+    """--output and --per-example; one line for each file written."""
+    written = []
+    if options.output is not None:
+        write_text_atomic(options.output, json.dumps(result, indent=2) + "\n")
+        written.append(f"metrics written to {options.output}")
+    if per_pair is not None:
+        sources = list(pairs["source"])
+        write_jsonl(options.per_example, [{"source": sources[row["index"]], **row} for row in per_pair])
+        wrong = sum(not row["correct"] for row in per_pair)
+        written.append(f"{len(per_pair)} per-pair results ({wrong} ranked wrong) written to {options.per_example}")
+    return written
