@@ -79,7 +79,8 @@ class DataSection:
     max_length: int = field(default=1024, metadata={"flag": "--max-length"})
     """Prompt+completion tokens kept per sequence (the start is kept); a pair whose prompt alone fills it is invalid."""
     format: str = field(default="auto", metadata={"flag": "--format"})
-    """auto (detect each file's format from its first record) or one of dpo_cli.data.formats.FORMATS, e.g. hh-rlhf."""
+    """auto (detect each file's format from its first record), explicit, hh-rlhf, conversational, openai, sharegpt,
+    oasst or stack-exchange (dpo_cli.data.formats.FORMATS)."""
     columns: str = field(default="", metadata={"flag": "--columns"})
     """Map the file's names onto the pair's: "prompt=question,chosen=response_j,rejected=response_k"."""
     on_invalid: str = field(default="error", metadata={"flag": "--on-invalid"})

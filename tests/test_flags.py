@@ -160,3 +160,11 @@ def test_eval_set_goes_over_the_adapters_recipe(capsys, tiny_adapter, tiny_demo)
     args = ("eval", "--adapter", tiny_adapter, "--data", tiny_demo["test"], "--set", "dpo.loss_type=exo_pair")
     code, _, stderr = run_cli_inprocess(capsys, *args)
     assert code == 2 and "recipe key dpo.label_smoothing: exo_pair needs it above 0" in stderr, stderr
+
+
+def test_the_format_help_names_every_format():
+    from dpo_cli.config import DataSection
+    from dpo_cli.data.formats import FORMAT_CHOICES
+
+    help_text = field_docs(DataSection)["format"]
+    assert all(name in help_text.replace(",", " ").split() for name in FORMAT_CHOICES), help_text
