@@ -30,10 +30,10 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 @dataclass
 class ModelSection:
-    path: str = ""
+    path: str = field(default="", metadata={"flag": "--model"})
     """Hugging Face model id or local folder of the base model."""
-    quantize: bool = True
-    """Load the base 4-bit (bitsandbytes NF4, double quantization). False trains LoRA on a bf16/fp32 base."""
+    quantize: bool = field(default=True, metadata={"flag": "--no-quantize"})
+    """Load the base 4-bit (bitsandbytes NF4, double quantization); false (--no-quantize): LoRA on a bf16/fp32 base."""
     compute_dtype: str = "auto"
     """auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32."""
     gradient_checkpointing: bool = True
@@ -72,26 +72,27 @@ class LoraSection:
 
 @dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)
+    train: list[str] = field(default_factory=list, metadata={"flag": "--data"})
     """Preference files to train on."""
-    eval: list[str] = field(default_factory=list)
-    """Held-out preference files, evaluated every `training.eval_steps` and at the end."""
-    max_length: int = 1024
+    eval: list[str] = field(default_factory=list, metadata={"flag": "--eval-data", "flag_in": {"eval": "--data"}})
+    """Held-out preference files: evaluated every `training.eval_steps` and at the end of training; what eval scores."""
+    max_length: int = field(default=1024, metadata={"flag": "--max-length"})
     """Prompt+completion tokens kept per sequence (the start is kept); a pair whose prompt alone fills it is invalid."""
-    format: str = "auto"
-    """auto (detect each file's format from its first record) or one of dpo_cli.data.formats.FORMATS, e.g. hh-rlhf."""
-    columns: str = ""
+    format: str = field(default="auto", metadata={"flag": "--format"})
+    """auto (detect each file's format from its first record), explicit, hh-rlhf, conversational, openai, sharegpt,
+    oasst or stack-exchange (dpo_cli.data.formats.FORMATS)."""
+    columns: str = field(default="", metadata={"flag": "--columns"})
     """Map the file's names onto the pair's: "prompt=question,chosen=response_j,rejected=response_k"."""
-    on_invalid: str = "error"
+    on_invalid: str = field(default="error", metadata={"flag": "--on-invalid"})
     """error: the first bad record stops the run with its file and line; skip: set bad records aside, count them and
     write them to skipped-{split}.jsonl in the output folder."""
-    chat_template: str = ""
+    chat_template: str = field(default="", metadata={"flag": "--chat-template"})
     """A Jinja chat template file for conversational data, when the tokenizer has none (or to replace its own)."""
-    eval_split: float = 0.0
+    eval_split: float = field(default=0.0, metadata={"flag": "--eval-split"})
     """With no eval files: hold out this fraction of the training pairs (the same ones for the same data) as eval."""
     cache_dir: str = ""
     """Where prepared (tokenized) data is kept between runs; empty: $DPO_CLI_CACHE or ~/.cache/dpo-cli."""
-    layout: str = "auto"
+    layout: str = field(default="auto", metadata={"flag": "--layout"})
     """How a micro-batch's sequences sit in rows: padded (TRL's, one sequence per row), packed (end to end, no
     padding), shared-prompt (each prompt once, [prompt | chosen | rejected]) or auto (shared-prompt where the model's
     attention can take its mask, else padded). Same numbers in every layout, to float rounding."""
@@ -116,28 +117,34 @@ class DataSection:
 
 @dataclass
 class TrainingSection:
-    output_dir: str = ""
-    max_steps: int = 0
+    output_dir: str = field(default="", metadata={"flag": "--output-dir"})
+    """Where the adapter, checkpoints and metrics go."""
+    max_steps: int = field(default=0, metadata={"flag": "--max-steps"})
     """Optimizer steps to run; 0 means `epochs` passes over the data."""
-    epochs: float = 1.0
-    batch_size: int = 4
+    epochs: float = field(default=1.0, metadata={"flag": "--epochs"})
+    """Passes over the training data (when max_steps is 0)."""
+    batch_size: int = field(default=4, metadata={"flag": "--batch-size"})
     """Preference pairs per micro-batch (each pair is two sequences)."""
-    grad_accum: int = 1
-    lr: float = 5e-5
+    grad_accum: int = field(default=1, metadata={"flag": "--grad-accum"})
+    """Micro-batches per optimizer step."""
+    lr: float = field(default=5e-5, metadata={"flag": "--lr"})
+    """Peak learning rate, reached after the warmup."""
     scheduler: str = "cosine"
     """cosine, linear or constant, after the warmup."""
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    seed: int = 42
+    seed: int = field(default=42, metadata={"flag": "--seed"})
+    """Seed for data order and initialisation."""
     save_steps: int = 100
     """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
     save_total_limit: int = 2
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
     eval_steps: int = 0
     """Evaluate on `data.eval` every N steps (0: only at the end)."""
-    eval_batch_size: int = 8
-    max_tokens_per_batch: int = 0
+    eval_batch_size: int = field(default=8, metadata={"flag_in": {"eval": "--batch-size"}})
+    """Pairs per forward pass when evaluating (memory grows with it)."""
+    max_tokens_per_batch: int = field(default=0, metadata={"flag": "--max-tokens-per-batch"})
     """0: micro-batches of `batch_size` pairs. N: micro-batches of up to N tokens (prompt+chosen + prompt+rejected
     per pair), pairs of similar length together, the same micro-batches each epoch in a seeded order. The loss is
     still the mean over the pairs of an optimizer step."""
@@ -169,7 +176,7 @@ class TrainingSection:
 class DpoSection:
     """The objective; names and checks are TRL 1.16's DPOConfig's. The README's Losses section tables them."""
 
-    beta: float = 0.1
+    beta: float = field(default=0.1, metadata={"flag": "--beta"})
     """Strength of the pull towards the reference: small beta lets the policy drift further (IPO's τ)."""
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
     """One loss or several summed (e.g. MPO: [sigmoid, bco_pair, sft]); TRL's names."""
@@ -292,11 +299,11 @@ TRACKERS = ("tensorboard", "wandb")
 class ReportSection:
     """Where the metrics go besides metrics.jsonl and report.png, which every run writes."""
 
-    trackers: list[str] = field(default_factory=list)
+    trackers: list[str] = field(default_factory=list, metadata={"flag": "--report-to"})
     """tensorboard (event files in the output folder's tensorboard/), wandb, both, or none (the default)."""
-    project: str = ""
+    project: str = field(default="", metadata={"flag": "--project"})
     """The wandb project; empty: $WANDB_PROJECT, else dpo-cli."""
-    run_name: str = ""
+    run_name: str = field(default="", metadata={"flag": "--run-name"})
     """The run's name in the trackers; empty: the output folder's name."""
 
     def __post_init__(self):

@@ -46,9 +46,16 @@ class TrainedAdapter:
 
 
 def open_adapter(
-    adapter_dir: Path, model_path: str | None = None, console: Console | None = None, trust_remote_code: bool = False
+    adapter_dir: Path,
+    model_path: str | None = None,
+    console: Console | None = None,
+    trust_remote_code: bool = False,
+    overrides: dict[str, dict] | None = None,
 ) -> TrainedAdapter:
     """The adapter folder and the recipe it was trained with; a folder without recipe.yaml gets the defaults.
+
+    `overrides` ({section: {key: value}}, from a command's flags and --set) go over the saved recipe; a model.path
+    among them, or `model_path`, names another base.
 
     Both files are checked here, before any model loads: a damaged adapter costs milliseconds, not a model load.
     """
@@ -75,6 +82,7 @@ def open_adapter(
                 f"[yellow]{adapter_dir}: no {RECIPE_FILENAME}; assuming a 4-bit base and the default DPO settings"
                 "[/yellow]"
             )
+    values = merge_overrides(values, overrides or {})
     base = model_path or (values.get("model") or {}).get("path") or peft_base
     recipe = recipe_from_dict(merge_overrides(values, {"model": {"path": base}}))
     if recipe.model.trust_remote_code and not trust_remote_code and console is not None:

@@ -44,8 +44,8 @@ PROBE_SEED = 0
 class MergeOptions:
     adapter: Path
     output: Path
-    model: str | None = None
-    """Base model; None: the one in the adapter's recipe."""
+    overrides: dict[str, dict] = field(default_factory=dict)
+    """Recipe settings over the adapter's recipe.yaml, from --model (model.path: another base) and --set."""
     dtype: str = "bfloat16"
     base_weights: str = "nf4"
     force: bool = False
@@ -72,6 +72,11 @@ class MergeResult:
     """NF4 weights written out dequantized."""
     max_abs_logit_diff: float
     """Merged model (as written) against the 4-bit base + adapter, on the probe batch."""
+    dtype: str
+    base_quantized: bool
+    """The adapter was trained on a 4-bit base (its recipe's model.quantize)."""
+    base_weights: str
+    """nf4 or original: which base weights the update was added to."""
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)?\s*$", re.IGNORECASE)
@@ -191,23 +196,19 @@ def remove_stale_merge_temporaries(output: Path) -> None:
 
 
 def merge_adapter(options: MergeOptions, console: Console) -> MergeResult:
+    """Merge, write and self-check; `console` gets only the notes on the way, the command prints the result."""
     options.check()
-    adapter = open_adapter(options.adapter, options.model, console, options.trust_remote_code)
+    adapter = open_adapter(options.adapter, None, console, options.trust_remote_code, options.overrides)
     check_output_dir(Path(options.output), adapter.path, adapter.base_path, options.force)
     if options.base_weights == "nf4" and not adapter.recipe.model.quantize:
         console.print("the adapter was trained on an unquantized base: merging into its original weights")
     with claimed_folder(Path(options.output), "merge", "--output"):  # a second merge into it refuses meanwhile
         remove_stale_merge_temporaries(Path(options.output))
         diff, merged, dequantized_count = _merge_into(adapter, options)
-    console.print(
-        f"merged the adapter into {merged} weights ({dequantized_count} NF4 weights dequantized), "
-        f"{options.dtype}, written to {options.output}"
+    quantized = adapter.recipe.model.quantize
+    return MergeResult(
+        Path(options.output), merged, dequantized_count, diff, options.dtype, quantized, options.base_weights
     )
-    base = "4-bit base" if adapter.recipe.model.quantize else "base"
-    console.print(f"self-check: max |logit difference| against the {base} + adapter = {diff:.3g}")
-    if options.base_weights == "original" and adapter.recipe.model.quantize:
-        console.print("(with --base-weights original this includes NF4's rounding of the base, by design)")
-    return MergeResult(Path(options.output), merged, dequantized_count, diff)
 
 
 def _merge_into(adapter: TrainedAdapter, options: MergeOptions) -> tuple[float, int, int]:

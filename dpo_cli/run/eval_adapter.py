@@ -32,23 +32,26 @@ from dpo_cli.run.generate import distinct_prompts, sample_side_by_side
 @dataclasses.dataclass
 class EvalOptions:
     adapter: Path
-    data: list[str]
-    model: str | None = None
-    """Base model; None: the one in the adapter's recipe."""
-    batch_size: int | None = None
-    """Pairs per forward pass; None: the recipe's training.eval_batch_size."""
-    max_length: int | None = None
-    """None: the recipe's data.max_length, as in training."""
+    overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
+    """Recipe settings over the adapter's recipe.yaml, from the flags and --set: data.eval (the files to score),
+    model.path (another base), training.eval_batch_size, data.max_length and the reading settings, dpo.*."""
     output: Path | None = None
     per_example: Path | None = None
     generate: int = 0
     max_new_tokens: int = 64
     samples: Path | None = None
     seed: int = 0
-    reading: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Data reading settings (format, columns, on_invalid, chat_template) over the training run's."""
     trust_remote_code: bool = False
     """From --trust-remote-code on this command line; the adapter's recipe never grants it."""
+
+    @property
+    def data(self) -> list[str]:
+        return [str(path) for path in self.overrides.get("data", {}).get("eval", [])]
+
+    def recipe_overrides(self) -> dict[str, dict]:
+        """The overrides with the training run's data left out: eval reads only its own files, with no split."""
+        data = {**self.overrides.get("data", {}), "train": [], "eval": self.data, "eval_split": 0.0}
+        return {**self.overrides, "data": data}
 
     def outputs(self) -> list[tuple[str, Path]]:
         """(flag, path) of each file this evaluation will write."""
@@ -58,9 +61,6 @@ class EvalOptions:
     def check(self) -> None:
         if not self.data:
             raise UserError("no data to evaluate: pass --data FILE (repeatable)")
-        for flag, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length)):
-            if value is not None and value <= 0:
-                raise UserError(f"{flag} {value}: must be positive")
         if self.generate < 0:
             raise UserError(f"--generate {self.generate}: must be 0 (no samples) or a number of prompts")
         if self.max_new_tokens <= 0:
@@ -71,7 +71,7 @@ class EvalOptions:
 
     def check_outputs(self) -> None:
         """Each output file can be written and replaces nothing but an earlier output of its kind; no two coincide."""
-        inputs = [*self.data, self.reading.get("chat_template", "")]
+        inputs = [*self.data, str(self.overrides.get("data", {}).get("chat_template", ""))]
         seen: dict[Path, str] = {}
         for flag, path in self.outputs():
             if path.is_dir():
@@ -106,8 +106,8 @@ def _advancing(label: str, total: int, console: Console) -> Iterator:
         yield lambda done: progress.advance(task, done)
 
 
-def metrics_table(metrics: dict[str, float], title: str) -> Table:
-    table = Table(title=title)
+def metrics_table(metrics: dict[str, float]) -> Table:
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
@@ -163,17 +163,24 @@ def _print_skipped_places(summary, console: Console) -> None:
     )
 
 
-def run_eval(options: EvalOptions, console: Console) -> dict:
-    """Evaluate, print the table, write the requested files; returns what `--output` holds."""
+@dataclasses.dataclass
+class EvalReport:
+    result: dict
+    """What --output holds: adapter, model, data, max_length, the dpo settings scored under, metrics."""
+    written: list[str]
+    """One line per file written, saying what is in it."""
+
+
+def run_eval(options: EvalOptions, console: Console) -> EvalReport:
+    """Evaluate and write the requested files; `console` shows progress, the command prints the report."""
     options.check()
-    adapter = open_adapter(options.adapter, options.model, console, options.trust_remote_code)
+    overrides = options.recipe_overrides()
+    adapter = open_adapter(options.adapter, None, console, options.trust_remote_code, overrides)
     options.check_outputs_outside(adapter.path, "the adapter folder")
     options.check_outputs_outside(adapter.base_path, "the base model's folder")
     recipe = adapter.recipe
-    batch_size = options.batch_size or recipe.training.eval_batch_size
-    max_length = options.max_length or recipe.data.max_length
-    paths = [str(p) for p in options.data]
-    reading = dataclasses.replace(recipe.data, train=[], eval=paths, eval_split=0.0, **options.reading)
+    batch_size, max_length = recipe.training.eval_batch_size, recipe.data.max_length
+    reading, paths = recipe.data, recipe.data.eval
     skipped_dir = skipped_records_dir(options) if reading.on_invalid == "skip" else None
     _check_skipped_file(options, skipped_dir)
     tokenizer = load_base_tokenizer(adapter)
@@ -193,8 +200,6 @@ def run_eval(options: EvalOptions, console: Console) -> dict:
         metrics = evaluate_pairs(
             model, pairs, tokenizer.pad_token_id, recipe.dpo, batch_size, advance, per_pair, layout=layout
         )
-    console.print(metrics_table(metrics, f"{adapter.path} on {len(pairs)} pairs (beta {recipe.dpo.beta})"))
-
     result = {
         "adapter": str(adapter.path),
         "model": adapter.base_path,
@@ -203,14 +208,7 @@ def run_eval(options: EvalOptions, console: Console) -> dict:
         "dpo": dataclasses.asdict(recipe.dpo),
         "metrics": metrics,
     }
-    if options.output is not None:
-        write_text_atomic(options.output, json.dumps(result, indent=2) + "\n")
-        console.print(f"metrics written to {options.output}")
-    if per_pair is not None:
-        sources = list(pairs["source"])
-        write_jsonl(options.per_example, [{"source": sources[row["index"]], **row} for row in per_pair])
-        wrong = sum(not row["correct"] for row in per_pair)
-        console.print(f"{len(per_pair)} per-pair results ({wrong} ranked wrong) written to {options.per_example}")
+    report = EvalReport(result, _write_outputs(options, result, pairs, per_pair))
     if options.generate:
         indices = distinct_prompts(pairs, options.generate)
         with _advancing("sample", len(indices), console) as advance:
@@ -218,5 +216,19 @@ def run_eval(options: EvalOptions, console: Console) -> dict:
                 model, tokenizer, pairs, indices, options.max_new_tokens, options.seed, batch_size, advance
             )
         write_jsonl(options.samples, rows)
-        console.print(f"{len(rows)} prompts sampled from policy and reference, written to {options.samples}")
-    return result
+        report.written.append(f"{len(rows)} prompts sampled from policy and reference, written to {options.samples}")
+    return report
+
+
+def _write_outputs(options: EvalOptions, result: dict, pairs, per_pair: list[dict] | None) -> list[str]:
+    """--output and --per-example; one line for each file written."""
+    written = []
+    if options.output is not None:
+        write_text_atomic(options.output, json.dumps(result, indent=2) + "\n")
+        written.append(f"metrics written to {options.output}")
+    if per_pair is not None:
+        sources = list(pairs["source"])
+        write_jsonl(options.per_example, [{"source": sources[row["index"]], **row} for row in per_pair])
+        wrong = sum(not row["correct"] for row in per_pair)
+        written.append(f"{len(per_pair)} per-pair results ({wrong} ranked wrong) written to {options.per_example}")
+    return written

@@ -296,12 +296,12 @@ def test_a_plain_llama_runs_every_layout(tiny_setup):
 
 
 def test_the_layout_setting_is_checked_and_reached_by_the_flag():
-    from dpo_cli.cli import _overrides_from_flags
     from dpo_cli.config import recipe_from_dict
     from dpo_cli.errors import UserError
+    from dpo_cli.flags import overrides_from_flags
 
     assert recipe_from_dict({}).data.layout == "auto"
-    assert _overrides_from_flags(layout="shared-prompt") == {"data": {"layout": "shared-prompt"}}
+    assert overrides_from_flags({"data.layout": "shared-prompt"}) == {"data": {"layout": "shared-prompt"}}
     with pytest.raises(UserError, match="data.layout: 'packd' is not one of auto, padded, packed, shared-prompt"):
         recipe_from_dict({"data": {"layout": "packd"}})
 

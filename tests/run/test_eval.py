@@ -37,8 +37,10 @@ def run_eval(capsys, adapter: Path, data: Path, *flags) -> tuple[dict, str]:
     return json.loads(output.read_text()), stdout
 
 
-def trl_evaluate(adapter_dir: Path, data: Path, batch_size: int, output_dir: Path) -> dict[str, float]:
-    """TRL 1.16's DPOTrainer.evaluate on the base loaded as eval loads it, the same adapter, reference = the base."""
+def trl_evaluate(adapter_dir: Path, data: Path, batch_size: int, output_dir: Path, **dpo) -> dict[str, float]:
+    """TRL 1.16's DPOTrainer.evaluate on the base loaded as eval loads it, the same adapter, reference = the base.
+
+    `dpo` (beta, loss_type, label_smoothing, ...) overrides the adapter's recipe, as eval's flags and --set do."""
     from datasets import Dataset
     from trl import DPOTrainer
 
@@ -46,9 +48,8 @@ def trl_evaluate(adapter_dir: Path, data: Path, batch_size: int, output_dir: Pat
 
     adapter = open_adapter(adapter_dir)
     dataset = Dataset.from_list(load_records(data, limit=100_000))
-    args = cpu_dpo_config(
-        output_dir, batch_size, beta=adapter.recipe.dpo.beta, max_length=adapter.recipe.data.max_length
-    )
+    settings = {"beta": adapter.recipe.dpo.beta, "max_length": adapter.recipe.data.max_length, **dpo}
+    args = cpu_dpo_config(output_dir, batch_size, **settings)
     trainer = DPOTrainer(
         model=load_policy(adapter), args=args, train_dataset=dataset, processing_class=load_base_tokenizer(adapter)
     )
@@ -61,24 +62,37 @@ def trl_evaluate(adapter_dir: Path, data: Path, batch_size: int, output_dir: Pat
     return {key: metrics[f"eval_{key}"] for key in METRICS}
 
 
-def assert_equal_to_trl(capsys, adapter: Path, data: Path, batch_size: int, tmp_path: Path) -> dict:
+def assert_equal_to_trl(capsys, adapter: Path, data: Path, batch_size: int, tmp_path: Path, *flags, **dpo) -> dict:
+    """Our eval's metrics (with `flags`) equal TRL's evaluate (with `dpo`, the same settings in DPOConfig's words)."""
     # TRL averages rewards/* over batches (a mean of batch means) and weighs eval_loss per pair; with a batch size
     # that divides the pair count, both are the per-pair means dpo-cli reports.
     num_pairs = len(load_records(data, limit=100_000))
     assert num_pairs % batch_size == 0
-    result, stdout = run_eval(capsys, adapter, data, "--batch-size", batch_size)
+    result, stdout = run_eval(capsys, adapter, data, "--batch-size", batch_size, *flags)
     ours = result["metrics"]
     assert ours["num_pairs"] == num_pairs
-    theirs = trl_evaluate(adapter, data, batch_size, tmp_path / "trl")
+    theirs = trl_evaluate(adapter, data, batch_size, tmp_path / "trl", **dpo)
     for key in METRICS:
         assert ours[key] == pytest.approx(theirs[key], rel=1e-4), key
     assert f"{ours['rewards/accuracies']:.4f}" in stdout and f"{ours['loss']:.4f}" in stdout  # the table
-    return ours
+    return result
 
 
 def test_eval_equals_trl_on_tiny_4bit_model(tiny_adapter, tiny_demo, tmp_path, capsys):
-    ours = assert_equal_to_trl(capsys, tiny_adapter, tiny_demo["test"], 8, tmp_path)
+    ours = assert_equal_to_trl(capsys, tiny_adapter, tiny_demo["test"], 8, tmp_path)["metrics"]
     assert ours["rewards/margins"] != 0.0  # the adapter moved: policy and reference differ
+
+
+@pytest.mark.parametrize(("loss_type", "label_smoothing"), [("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)])
+def test_eval_under_other_settings_equals_trl(tiny_adapter, tiny_demo, tmp_path, capsys, loss_type, label_smoothing):
+    """`eval --beta --set dpo.…` scores the adapter under settings it was not trained with, as TRL would."""
+    flags = ["--beta", 0.2, "--set", f"dpo.loss_type={loss_type}", "--set", f"dpo.label_smoothing={label_smoothing}"]
+    settings = {"beta": 0.2, "loss_type": [loss_type], "label_smoothing": label_smoothing}
+    result = assert_equal_to_trl(capsys, tiny_adapter, tiny_demo["test"], 8, tmp_path, *flags, **settings)
+    assert {key: result["dpo"][key] for key in settings} == settings  # the --output JSON says what was scored
+    default, _ = run_eval(capsys, tiny_adapter, tiny_demo["test"], "--batch-size", 8)
+    assert default["dpo"]["loss_type"] == ["sigmoid"] and default["dpo"]["beta"] == 0.1  # recipe.yaml unchanged
+    assert result["metrics"]["loss"] != pytest.approx(default["metrics"]["loss"])  # the settings were used
 
 
 @pytest.mark.slow
@@ -146,7 +160,10 @@ def test_eval_bad_inputs_end_in_one_line(tiny_adapter, tiny_demo, narrower_tiny_
             f"adapter but 64->32 in {narrower_tiny_model}; pass --model with the base it was trained on",
         ),
         (("--adapter", tiny_adapter, "--data", data, "--generate", 2), "--generate needs --samples"),
-        (("--adapter", tiny_adapter, "--data", data, "--batch-size", 0), "--batch-size 0: must be positive"),
+        (
+            ("--adapter", tiny_adapter, "--data", data, "--batch-size", 0),
+            "recipe key training.eval_batch_size: 0 must be positive",
+        ),
         (("--adapter", tiny_adapter, "--data", data, "--output", tmp_path), "is a folder"),
     ]
     for args, message in cases:
