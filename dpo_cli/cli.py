@@ -169,16 +169,19 @@ def data_check(
     import json
 
     from dpo_cli.config import DataSection
-    from dpo_cli.data.check import check_files, has_problems, print_report
+    from dpo_cli.data.check import check_files, has_problems
+    from dpo_cli.model.load import load_tokenizer
+    from dpo_cli.run.data_report import print_check_report, progress_to
 
     flags = {"max_length": max_length, "format": data_format, "columns": columns, "chat_template": chat_template}
     data = DataSection(**{key: str(v) if isinstance(v, Path) else v for key, v in flags.items() if v is not None})
     progress = Console(stderr=True, quiet=as_json)  # progress lines never mix into the JSON on stdout
-    report = check_files([str(f) for f in files], data, model, progress, trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code) if model is not None else None
+    report = check_files([str(f) for f in files], data, tokenizer, model, progress_to(progress))
     if as_json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        print_report(report, console)
+        print_check_report(report, console)
     if has_problems(report):
         sys.exit(1)
 
