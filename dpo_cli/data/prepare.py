@@ -16,8 +16,9 @@ from pathlib import Path
 from dpo_cli.config import DataSection
 from dpo_cli.data.arrow import loaded_text, pair_hash, stored_text, text_features, tokenized_features
 from dpo_cli.data.cache import cache_root, open_or_build, prepared_key, tokenizer_fingerprint, write_meta
+from dpo_cli.data.decode import MAX_RECORD_BYTES
 from dpo_cli.data.formats import parse_columns
-from dpo_cli.data.readers import MAX_RECORD_BYTES, check_readable
+from dpo_cli.data.readers import check_readable
 from dpo_cli.data.records import InvalidRecord, ReadOptions, ReadResult, iter_file_pairs, json_line
 from dpo_cli.data.tokenize import PAIR_TEXTS, chars_per_token, require_chat_template, tokenize_batch, use_chat_template
 from dpo_cli.errors import UserError

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpo_cli.data.decode import MAX_RECORD_BYTES
 from dpo_cli.data.formats import FORMATS, Pair, RecordProblem, detect_format, rename_columns, unknown_format_error
-from dpo_cli.data.readers import MAX_RECORD_BYTES, open_records
+from dpo_cli.data.readers import open_records
 from dpo_cli.errors import UserError
 
 ON_INVALID_CHOICES = ("error", "skip")

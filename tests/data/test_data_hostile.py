@@ -16,7 +16,7 @@ import pytest
 
 from dpo_cli.config import DataSection
 from dpo_cli.data.cache import lock_path
-from dpo_cli.data.readers import MAX_NESTING, MAX_RECORD_BYTES
+from dpo_cli.data.decode import MAX_NESTING, MAX_RECORD_BYTES
 from dpo_cli.data.records import read_json_lines
 from tests.conftest import run_cli_inprocess, run_cli_subprocess, train_adapter
 
