@@ -2,7 +2,7 @@
 
 A script, not a test. It writes `--pairs` explicit {"prompt","chosen","rejected"} records (story-like sentences of
 random words, about 20/30/30 tokens, some with non-ASCII punctuation) to a temporary JSONL, then runs
-`dpo_cli.data.tokenize.load_tokenized_split` on it exactly as `dpo-cli train` does, each phase in its own subprocess
+`dpo_cli.run.data_report.load_split` on it exactly as `dpo-cli train` does, each phase in its own subprocess
 so its memory is its own:
 
 - cold: an empty cache, so the file is read, checked, written to Arrow and tokenized on all cores;
@@ -77,16 +77,16 @@ def worker(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     from dpo_cli.config import DataSection
-    from dpo_cli.data.tokenize import load_tokenized_split
+    from dpo_cli.data.split import SplitRequest
     from dpo_cli.model.load import load_tokenizer
+    from dpo_cli.run.data_report import load_split
 
     tokenizer = load_tokenizer(args.model)
     after_imports = current_rss_mib()
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    pairs, summary = load_tokenized_split(
-        tokenizer, [args.file], args.max_length, "train", Console(stderr=True), DataSection(max_length=args.max_length)
-    )
+    request = SplitRequest([args.file], "train", DataSection(max_length=args.max_length))
+    pairs, summary = load_split(tokenizer, request, Console(stderr=True))
     first = pairs[0]["chosen_ids"]  # touch the data, as the trainer's first step would
     seconds = time.perf_counter() - started
     print(

@@ -31,16 +31,16 @@ LAYOUTS = ("padded", "packed", "shared-prompt")
 
 def load(args):
     import torch
-    from rich.console import Console
 
     from dpo_cli.config import DataSection, LoraSection, ModelSection
-    from dpo_cli.data.tokenize import load_tokenized_split
+    from dpo_cli.data.load import load_tokenized_split
+    from dpo_cli.data.split import SplitRequest
     from dpo_cli.model.load import add_lora, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     cache = tempfile.mkdtemp(prefix="bench-layouts-")  # prepared data stays out of the user's cache
-    data = DataSection(train=[args.data], on_invalid="skip", cache_dir=cache)
-    pairs, _ = load_tokenized_split(tokenizer, [args.data], args.max_length, "train", Console(quiet=True), data)
+    data = DataSection(train=[args.data], on_invalid="skip", cache_dir=cache, max_length=args.max_length)
+    pairs, _ = load_tokenized_split(tokenizer, SplitRequest([args.data], "train", data))
     base = load_base_model(ModelSection(path=args.model, gradient_checkpointing=False), torch.device("cpu"))
     model = add_lora(base, LoraSection(), gradient_checkpointing=args.gradient_checkpointing)
     model.train()

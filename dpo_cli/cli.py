@@ -75,16 +75,19 @@ def data_check(
     import json
 
     from dpo_cli.config import recipe_from_dict
-    from dpo_cli.data.check import check_files, has_problems, print_report
+    from dpo_cli.data.check import check_files, has_problems
+    from dpo_cli.model.load import load_tokenizer
+    from dpo_cli.run.data_report import print_check_report, progress_to
 
     recipe = recipe_from_dict(overrides)
     progress = Console(stderr=True, quiet=as_json)  # progress lines never mix into the JSON on stdout
     model = recipe.model.path or None
-    report = check_files([str(f) for f in files], recipe.data, model, progress, trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code) if model is not None else None
+    report = check_files([str(f) for f in files], recipe.data, tokenizer, model, progress_to(progress))
     if as_json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        print_report(report, console)
+        print_check_report(report, console)
     if has_problems(report):
         sys.exit(1)
 

@@ -19,6 +19,7 @@ is ever evicted automatically: delete the folder to reclaim the space.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -28,11 +29,16 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dpo_cli.data.records import FileReport, ReadResult
+from dpo_cli.data.skipped import read_skipped, write_skipped
 from dpo_cli.errors import UserError
+from dpo_cli.files import atomic_directory
 
 CACHE_VERSION = "2"
 """Bump when the layout or the meaning of a prepared folder changes, so older folders are not reused."""
 HASH_CHUNK = 1 << 22
+INVALID = "invalid.jsonl"
+"""The records reading set aside, in a prepared folder."""
 
 
 def cache_root(configured: str = "") -> Path:
@@ -138,3 +144,70 @@ def prepared_key(paths: list[str], settings: dict, tokenizer_print: str) -> str:
     files = [[str(Path(p).resolve()), file_fingerprint(Path(p))] for p in paths]
     blob = json.dumps({"version": CACHE_VERSION, "files": files, "settings": settings, "tokenizer": tokenizer_print})
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+# An entry: found whole, or built aside under the lock ---------------------------------------------------------------
+
+
+def open_or_build(target: Path, build: Callable[[Path], None], say: Callable[[str], None]):
+    """((texts, tokenized, read), from_cache) of the prepared folder `target`: opened if it is whole, else built by
+    `build(folder)` in a temporary folder, holding its lock, and renamed into place; a problem of the cache's disk
+    (not writable, full) is one line naming it."""
+    prepared = open_prepared(target)
+    if prepared is not None:
+        return prepared, True
+    root = target.parent.parent
+    check_cache_writable(root)
+    try:
+        with preparing(target, lambda: say(f"another run is preparing it in {target}; waiting")):
+            prepared = open_prepared(target)
+            if prepared is not None:
+                return prepared, True
+            if target.exists():
+                say(f"the prepared copy in {target} is damaged or incomplete; preparing it again")
+            with atomic_directory(target, replace=True) as folder:  # built aside, renamed into place whole
+                build(folder)
+    except OSError as error:
+        problem = cache_write_error(root, error)
+        if problem is None:  # not the cache's disk: a bug, or an input problem the readers should have named
+            raise
+        raise problem from None
+    return load_prepared(target), False  # just written: a failure here is a bug to see in full
+
+
+def write_meta(folder: Path, read: ReadResult, tokenized_files: list[str]) -> None:
+    """Write what reading set aside, then `meta.json` last: its presence means the folder is complete."""
+    write_skipped(folder / INVALID, read.invalid)
+    meta = {
+        "files": [dataclasses.asdict(report) for report in read.files],
+        "tokenized_files": tokenized_files,
+        "sizes": {path.name: path.stat().st_size for path in folder.iterdir() if path.is_file()},
+    }
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def open_prepared(target: Path):
+    """(texts, tokenized, read) of a complete prepared folder; None when it is missing, damaged or incomplete (a
+    file cut short, a different row count, an unreadable line), which the caller then builds again."""
+    if not (target / "meta.json").is_file():
+        return None
+    try:
+        return load_prepared(target)
+    except Exception:  # a damaged copy fails in many ways (JSON, Arrow, sizes, counts); all mean: prepare it again
+        return None
+
+
+def load_prepared(target: Path):
+    from datasets import Dataset, concatenate_datasets
+
+    meta = json.loads((target / "meta.json").read_text(encoding="utf-8"))
+    for file_name, size in meta["sizes"].items():
+        if (target / file_name).stat().st_size != size:
+            raise ValueError(f"{target / file_name}: {size} bytes were written, it has others")
+    texts = Dataset.from_file(str(target / "texts.arrow"))
+    tokenized = concatenate_datasets([Dataset.from_file(str(target / name)) for name in meta["tokenized_files"]])
+    read = ReadResult(files=[FileReport(**report) for report in meta["files"]], invalid=read_skipped(target / INVALID))
+    pairs = sum(report.pairs for report in read.files)
+    if not len(texts) == len(tokenized) == pairs or len(read.invalid) != sum(f.invalid for f in read.files):
+        raise ValueError(f"{target}: holds other row counts than were written")
+    return texts, tokenized, read

@@ -3,8 +3,8 @@
 For each file: the detected format, how many records and pairs, the invalid records per reason (with the first
 places), exact duplicates and pairs whose chosen equals rejected. With a model's tokenizer also the token lengths
 of prompt, chosen and rejected (mean, p50, p95, max) and how many pairs `max_length` would cut or drop. The report
-is a rich table for people or JSON for machines; checking prepares the data the same way training does, so a
-check warms the cache for the run that follows.
+is a dict the command prints as tables for people or JSON for machines; checking prepares the data the same way
+training does, so a check warms the cache for the run that follows.
 """
 
 from __future__ import annotations
@@ -15,31 +15,28 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 from dpo_cli.config import DataSection
-from dpo_cli.data.records import InvalidRecord, ReadResult, invalid_by_reason
+from dpo_cli.data.prepare import Progress, no_progress, prepare_split, read_options, write_texts
+from dpo_cli.data.records import InvalidRecord, ReadResult
+from dpo_cli.data.skipped import invalid_by_reason
 
 FIRST_PLACES = 3
 TOKEN_FIELDS = ("prompt", "chosen", "rejected")
 
 
 def check_files(
-    paths: list[str], data: DataSection, model: str | None, console: Console, trust_remote_code: bool = False
+    paths: list[str], data: DataSection, tokenizer=None, model: str | None = None, progress: Progress = no_progress
 ) -> dict:
     """The report of `paths` read with `data`'s settings; every problem is counted, none stops the check.
 
-    `trust_remote_code` (from --trust-remote-code) lets the model's tokenizer run its own code.
+    With `tokenizer` (that of `model`, named in the report) the pairs are tokenized as training would, and the
+    report has token lengths; `progress` hears what is happening as it happens.
     """
-    data = dataclasses.replace(data, train=list(paths), on_invalid="skip")
-    if model is None:
-        return _check_without_tokenizer(paths, data, console)
-    from dpo_cli.data.tokenize import prepare_split
-    from dpo_cli.model.load import load_tokenizer
-
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    prepared = prepare_split(tokenizer, list(paths), data, "checked", console)
+    data = dataclasses.replace(data, on_invalid="skip")
+    if tokenizer is None:
+        return _check_without_tokenizer(paths, data)
+    prepared = prepare_split(tokenizer, list(paths), data, "checked", progress)
     columns = prepared.tokenized.select_columns(
         ["file_index", "pair_hash", "prompt_tokens", "chosen_tokens", "rejected_tokens", "truncated", "problem"]
     ).with_format("numpy")[:]
@@ -49,10 +46,8 @@ def check_files(
     return report
 
 
-def _check_without_tokenizer(paths: list[str], data: DataSection, console: Console) -> dict:
+def _check_without_tokenizer(paths: list[str], data: DataSection) -> dict:
     from datasets import Dataset
-
-    from dpo_cli.data.tokenize import read_options, write_texts
 
     with tempfile.TemporaryDirectory(prefix="dpo-cli-check-") as folder:
         read, _ = write_texts(Path(folder), list(paths), read_options(data))
@@ -116,45 +111,3 @@ def _stats(lengths: np.ndarray) -> dict:
 
 def has_problems(report: dict) -> bool:
     return bool(report["total"]["invalid"])
-
-
-def print_report(report: dict, console: Console) -> None:
-    files = Table(title="files", title_justify="left")
-    files.add_column("file", overflow="fold")
-    files.add_column("format")
-    for name in ("records", "pairs"):
-        files.add_column(name, justify="right")
-    files.add_column("invalid", justify="right")
-    files.add_column("duplicates", justify="right")
-    for file in report["files"]:
-        invalid = sum(entry["count"] for entry in file["invalid"].values())
-        files.add_row(
-            file["path"], file["format"], f"{file['records']:,}", f"{file['pairs']:,}", f"{invalid:,}",
-            f"{file['duplicates']:,}",
-        )  # fmt: skip
-    console.print(files)
-    total = report["total"]
-    if total["invalid"]:
-        problems = Table(title="invalid records", title_justify="left")
-        for name in ("reason", "count", "first", "first message"):
-            problems.add_column(name, justify="right" if name == "count" else "left", overflow="fold")
-        for reason, entry in total["invalid"].items():
-            problems.add_row(reason, f"{entry['count']:,}", "\n".join(entry["first"]), entry["message"])
-        console.print(problems)
-    if "tokens" in total:
-        tokens = Table(title=f"tokens ({report['model']})", title_justify="left")
-        for name in ("", "mean", "p50", "p95", "max"):
-            tokens.add_column(name, justify="left" if not name else "right")
-        for field, stats in total["tokens"].items():
-            tokens.add_row(field, f"{stats['mean']:.1f}", f"{stats['p50']:g}", f"{stats['p95']:g}", f"{stats['max']:,}")
-        console.print(tokens)
-        console.print(
-            f"max_length={report['max_length']}: {total['truncated']:,} pairs would have a completion cut, "
-            f"{total['dropped']:,} would be dropped (the prompt alone fills it)",
-            markup=False,
-        )
-    console.print(
-        f"{total['pairs']:,} pairs from {total['records']:,} records; {total['duplicates']:,} exact duplicates, "
-        f"{total['chosen_equals_rejected']:,} with chosen equal to rejected",
-        markup=False,
-    )

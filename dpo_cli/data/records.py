@@ -10,17 +10,15 @@ anything but `UserError` for a problem in the data.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpo_cli.data.decode import MAX_RECORD_BYTES
 from dpo_cli.data.formats import FORMATS, Pair, RecordProblem, detect_format, rename_columns, unknown_format_error
-from dpo_cli.data.readers import MAX_RECORD_BYTES, open_records
+from dpo_cli.data.readers import open_records
 from dpo_cli.errors import UserError
-from dpo_cli.files import write_text_atomic
 
 ON_INVALID_CHOICES = ("error", "skip")
 
@@ -39,7 +37,7 @@ class ReadOptions:
     """{pair field: column in the file}, applied before detection."""
     on_invalid: str = "error"
     max_record_bytes: int = MAX_RECORD_BYTES
-    """A longer record is set aside unread (see `tokenization.read_options` for the bound training uses)."""
+    """A longer record is set aside unread (see `prepare.read_options` for the bound training uses)."""
 
 
 @dataclass
@@ -105,35 +103,6 @@ def _as_object(value: object) -> dict:
         kind = {list: "a list", str: "a string"}.get(type(value), type(value).__name__)
         raise RecordProblem("not an object", None, f"expected a JSON object, got {kind}", "one record per line")
     return value
-
-
-# Reporting what was set aside ---------------------------------------------------------------------------------------
-
-
-def invalid_by_reason(invalid: list[InvalidRecord]) -> dict[str, list[InvalidRecord]]:
-    grouped: dict[str, list[InvalidRecord]] = defaultdict(list)
-    for record in invalid:
-        grouped[record.reason].append(record)
-    return dict(sorted(grouped.items(), key=lambda item: -len(item[1])))
-
-
-def skipped_summary(invalid: list[InvalidRecord], first: int = 3) -> str:
-    """'2 chosen equals rejected (first: f:12, f:99), 1 invalid JSON (first: f:3)'."""
-    parts = []
-    for reason, records in invalid_by_reason(invalid).items():
-        places = ", ".join(record.source for record in records[:first])
-        parts.append(f"{len(records)} {reason} (first: {places})")
-    return ", ".join(parts)
-
-
-def write_skipped(path: Path, invalid: list[InvalidRecord]) -> None:
-    """One JSON line per skipped record: where it was, why, and its text as it was, to fix and feed back."""
-    write_text_atomic(path, "".join(json_line(dataclasses.asdict(record)) + "\n" for record in invalid))
-
-
-def read_skipped(path: Path) -> list[InvalidRecord]:
-    """The records `write_skipped` wrote; a line that is not one raises ValueError, TypeError or KeyError."""
-    return [InvalidRecord(**json.loads(line)) for line in read_json_lines(path)]
 
 
 # Characters str.splitlines() also breaks lines on; json.dumps escapes only the ASCII ones. Escaping these too keeps

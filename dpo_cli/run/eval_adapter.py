@@ -19,12 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dpo_cli.data.tokenize import load_tokenized_split
+from dpo_cli.data.split import SplitRequest
 from dpo_cli.dpo.attention import resolve_layout
 from dpo_cli.errors import UserError
 from dpo_cli.files import write_text_atomic
 from dpo_cli.model.adapter import load_base_tokenizer, load_policy, open_adapter
 from dpo_cli.output_folder import check_placeable, is_replaceable_output, is_within
+from dpo_cli.run.data_report import load_split
 from dpo_cli.run.evaluate import evaluate_pairs
 from dpo_cli.run.generate import distinct_prompts, sample_side_by_side
 
@@ -185,9 +186,8 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
     _check_skipped_file(options, skipped_dir)
     tokenizer = load_base_tokenizer(adapter)
     # Data before the model: a bad line should not wait for a large base to load.
-    pairs, summary = load_tokenized_split(
-        tokenizer, paths, max_length, "eval", console, reading, skipped_dir, with_sources=True
-    )
+    request = SplitRequest(paths, "eval", reading, skipped_dir, with_sources=True)
+    pairs, summary = load_split(tokenizer, request, console)
     if summary.skipped and skipped_dir is None:
         _print_skipped_places(summary, console)
     model = load_policy(adapter)

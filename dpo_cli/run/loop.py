@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dpo_cli.config import RECIPE_FILENAME, Recipe
-from dpo_cli.data.tokenize import load_tokenized_split
+from dpo_cli.data.split import training_requests
 from dpo_cli.dpo.attention import resolve_layout
 from dpo_cli.dpo.layouts import collate, pair_tokens, token_budget_batches
 from dpo_cli.dpo.scoring import score_batch
@@ -45,6 +45,7 @@ from dpo_cli.run.checkpoint import (
     remove_stale_checkpoint_temporaries,
     save_checkpoint,
 )
+from dpo_cli.run.data_report import load_split
 from dpo_cli.run.distributed import check_single_process, is_main_process
 from dpo_cli.run.evaluate import evaluate_pairs
 from dpo_cli.run.metrics import MetricsLog, PairMetrics, is_finite
@@ -222,14 +223,11 @@ class Trainer:
         self.device = resolve_device(recipe.model.device)
         self.tokenizer = load_tokenizer(recipe.model.path, trust_remote_code)
         max_length = recipe.data.max_length
-        self.train_pairs, self.train_summary = load_tokenized_split(
-            self.tokenizer, recipe.data.train, max_length, "train", self.console, recipe.data, self.output_dir
-        )
+        train_request, eval_request = training_requests(recipe.data, self.output_dir)
+        self.train_pairs, self.train_summary = load_split(self.tokenizer, train_request, self.console)
         self.eval_pairs = None
-        if recipe.data.eval or recipe.data.eval_split:
-            self.eval_pairs, _ = load_tokenized_split(
-                self.tokenizer, recipe.data.eval, max_length, "eval", self.console, recipe.data, self.output_dir
-            )
+        if eval_request is not None:
+            self.eval_pairs, _ = load_split(self.tokenizer, eval_request, self.console)
         self.fixed_settings[TRAIN_PAIRS] = len(self.train_pairs)
         if self.saved_state is not None:  # the same files can still give other pairs (a changed tokenizer)
             refuse_changed_fixed_settings(

@@ -137,8 +137,9 @@ def test_skip_counts_each_reason_and_writes_the_skipped_lines_as_they_were(tmp_p
     from rich.console import Console
 
     from dpo_cli.config import DataSection
-    from dpo_cli.data.tokenize import load_tokenized_split
+    from dpo_cli.data.split import SplitRequest
     from dpo_cli.model.load import load_tokenizer
+    from dpo_cli.run.data_report import load_split
 
     bad_json = '{"prompt": "a", "chosen": "b", "rej'
     identical = json.dumps({"prompt": "a", "chosen": "same", "rejected": "same"})
@@ -148,9 +149,8 @@ def test_skip_counts_each_reason_and_writes_the_skipped_lines_as_they_were(tmp_p
     tokenizer = load_tokenizer(str(untrained_tiny["model"]))
     console = Console(width=10_000)
     out = tmp_path / "run"
-    pairs, summary = load_tokenized_split(
-        tokenizer, [str(path)], 64, "train", console, DataSection(on_invalid="skip"), out
-    )
+    request = SplitRequest([str(path)], "train", DataSection(on_invalid="skip", max_length=64), out)
+    pairs, summary = load_split(tokenizer, request, console)  # as train and eval load and report a split
     printed = capsys.readouterr().out
     assert len(pairs) == summary.kept == 4
     assert (

@@ -9,12 +9,13 @@ import gzip
 import json
 
 import pytest
-from rich.console import Console
 
 from dpo_cli.config import DataSection
 from dpo_cli.data.formats import parse_columns
+from dpo_cli.data.load import load_tokenized_split
 from dpo_cli.data.records import ReadOptions, ReadResult, iter_file_pairs
-from dpo_cli.data.tokenize import load_tokenized_split, tokenize_pairs
+from dpo_cli.data.split import SplitRequest
+from dpo_cli.data.tokenize import tokenize_pairs
 from dpo_cli.errors import UserError
 from tests.conftest import SHARED_DATA, STORIES_MODEL, require_shared
 
@@ -23,7 +24,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-QUIET = Console(quiet=True)
 
 
 def shared(relative: str):
@@ -155,21 +155,21 @@ def test_explicit_stories_pin_with_typographic_quotes():
 # Tokenization --------------------------------------------------------------------------------------------------------
 
 
+def _load(tokenizer, path, max_length: int, **data):
+    """The pairs of one file as `train` loads them, and the report (nothing is printed)."""
+    request = SplitRequest([str(path)], "train", DataSection(max_length=max_length, **data))
+    return load_tokenized_split(tokenizer, request)
+
+
 def test_decoded_token_ids_of_text_and_chat_pairs(tokenizer, chat_template):
-    hh, _ = load_tokenized_split(
-        tokenizer, [str(shared("hh-rlhf/helpful-base-test.jsonl.gz"))], 100_000, "train", QUIET,
-        DataSection(on_invalid="skip"),
-    )  # fmt: skip
+    hh, _ = _load(tokenizer, shared("hh-rlhf/helpful-base-test.jsonl.gz"), 100_000, on_invalid="skip")
     assert tokenizer.decode(hh[0]["prompt_ids"]) == (
         "<s> \n\nHuman: Do you know why turkeys became the official food of thanksgiving?\n\nAssistant:"
     )
     chosen = tokenizer.decode(hh[0]["chosen_ids"])
     assert chosen.startswith("To be honest, I don’t know anything") and chosen.endswith("particular facts, sorry.</s>")
 
-    chat, _ = load_tokenized_split(
-        tokenizer, [str(shared("openai-dpo/validation.jsonl"))], 100_000, "train", QUIET,
-        DataSection(chat_template=str(chat_template)),
-    )  # fmt: skip
+    chat, _ = _load(tokenizer, shared("openai-dpo/validation.jsonl"), 100_000, chat_template=str(chat_template))
     prompt = tokenizer.decode(chat[0]["prompt_ids"])
     assert prompt.startswith("<|system|>\nYou are an AI assistant.")
     assert "(pour un rappel au Règlement)" in prompt and prompt.endswith("to English</s> \n<|assistant|>\n")
@@ -207,11 +207,10 @@ def test_conversational_ids_equal_trl_with_explicit_and_implicit_prompts(tokeniz
     assert len(pairs) == 12
     explicit = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
     implicit = [{"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected} for p in pairs]
-    data = DataSection(chat_template=str(chat_template))
     for name, records in (("explicit", explicit), ("implicit", implicit)):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        ours, _ = load_tokenized_split(tokenizer, [str(path)], 100_000, "train", QUIET, data)
+        ours, _ = _load(tokenizer, path, 100_000, chat_template=str(chat_template))
         _assert_same_ids(ours, _trl_prepare(tokenizer, records, tmp_path))
 
 
@@ -224,7 +223,7 @@ def test_batched_text_path_equals_trl_on_hh_rlhf_prompts(tokenizer, tmp_path):
     records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
     path = tmp_path / "hh.jsonl.gz"
     path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
-    ours, _ = load_tokenized_split(tokenizer, [str(path)], 100_000, "train", QUIET, DataSection())
+    ours, _ = _load(tokenizer, path, 100_000)
     _assert_same_ids(ours, _trl_prepare(tokenizer, records, tmp_path))
     in_memory, _ = tokenize_pairs(tokenizer, pairs, 100_000)
     _assert_same_ids(ours, [vars(p) for p in in_memory])
@@ -232,7 +231,7 @@ def test_batched_text_path_equals_trl_on_hh_rlhf_prompts(tokenizer, tmp_path):
 
 def test_conversational_data_without_a_chat_template_says_how_to_give_one(tokenizer):
     with pytest.raises(UserError, match=r"validation\.jsonl:1: openai data is a conversation.*--chat-template"):
-        load_tokenized_split(tokenizer, [str(shared("openai-dpo/validation.jsonl"))], 1024, "train", QUIET)
+        _load(tokenizer, shared("openai-dpo/validation.jsonl"), 1024)
 
 
 def test_a_template_that_refuses_a_conversation_is_a_record_problem(tokenizer, tmp_path):
@@ -248,8 +247,6 @@ def test_a_template_that_refuses_a_conversation_is_a_record_problem(tokenizer, t
     bad = {**good, "prompt": [{"role": "system", "content": "Be nice"}, *good["prompt"]]}
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"chat\.jsonl:2: the chat template refused it \(no system role\)"):
-        load_tokenized_split(tokenizer, [str(path)], 64, "train", QUIET, DataSection(chat_template=str(strict)))
-    pairs, summary = load_tokenized_split(
-        tokenizer, [str(path)], 64, "train", QUIET, DataSection(chat_template=str(strict), on_invalid="skip")
-    )
+        _load(tokenizer, path, 64, chat_template=str(strict))
+    pairs, summary = _load(tokenizer, path, 64, chat_template=str(strict), on_invalid="skip")
     assert len(pairs) == 1 and [r.reason for r in summary.skipped] == ["chat template error"]

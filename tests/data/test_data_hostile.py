@@ -13,18 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from dpo_cli.config import DataSection
 from dpo_cli.data.cache import lock_path
-from dpo_cli.data.readers import MAX_NESTING, MAX_RECORD_BYTES
+from dpo_cli.data.decode import MAX_NESTING, MAX_RECORD_BYTES
 from dpo_cli.data.records import read_json_lines
 from tests.conftest import run_cli_inprocess, run_cli_subprocess, train_adapter
 
 GOOD = json.dumps({"prompt": "Once upon a time", "chosen": " a happy cat smiled", "rejected": " a sad cat cried"})
 OTHER = json.dumps({"prompt": "The dog", "chosen": " ran home", "rejected": " sat still"})
 SKIP_HINT = " (or pass --on-invalid skip to set bad records aside)"
-QUIET = Console(quiet=True)
 DEEP = "[" * 100_000 + "]" * 100_000
 LONG_RECORD = '{"prompt": "' + "a" * MAX_RECORD_BYTES + '", "chosen": " yes", "rejected": " no"}'
 CACHE_HINT = "set data.cache_dir in the recipe or $DPO_CLI_CACHE to a writable folder"
@@ -285,9 +283,11 @@ def test_an_unreadable_file_is_one_line(tmp_path, capsys, train_args):
 
 
 def _prepare(tokenizer, path: Path, max_length: int, **data):
-    from dpo_cli.data.tokenize import load_tokenized_split
+    from dpo_cli.data.load import load_tokenized_split
+    from dpo_cli.data.split import SplitRequest
 
-    return load_tokenized_split(tokenizer, [str(path)], max_length, "train", QUIET, DataSection(**data))
+    request = SplitRequest([str(path)], "train", DataSection(max_length=max_length, **data))
+    return load_tokenized_split(tokenizer, request)
 
 
 @pytest.fixture
@@ -299,7 +299,7 @@ def tokenizer(untrained_tiny):
 
 def test_a_prompt_too_long_to_fit_is_set_aside_without_tokenizing(tmp_path, tokenizer, monkeypatch):
     """8 MB of prompt took main 75 s and 3 GB (tokenized in full, then dropped); now it is refused on its length."""
-    from dpo_cli.data import tokenize as tokenization
+    from dpo_cli.data import tokenize as tokenization  # tokenize_batch calls text_pairs_ids through its module
 
     seen: list[int] = []
     real = tokenization.text_pairs_ids
@@ -378,7 +378,7 @@ def test_long_chat_completions_keep_the_ids_of_full_rendering(tmp_path, tokenize
 
 
 def test_the_record_limit_grows_with_max_length():
-    from dpo_cli.data.tokenize import read_options
+    from dpo_cli.data.prepare import read_options
 
     assert read_options(DataSection(max_length=1024)).max_record_bytes == MAX_RECORD_BYTES
     assert read_options(DataSection(max_length=32768)).max_record_bytes == 4096 * 32768
@@ -425,25 +425,24 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_a_damaged_cache_entry_is_prepared_again(damage, tmp_path, tokenizer, capsys, monkeypatch):
+def test_a_damaged_cache_entry_is_prepared_again(damage, tmp_path, tokenizer, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("DPO_CLI_CACHE", str(cache))
     path = tmp_path / "data.jsonl"
     path.write_text(_lines(GOOD, '{"prompt": "p", "chosen": "same", "rejected": "same"}', OTHER), encoding="utf-8")
-    console = Console(width=10_000)
-    data = DataSection(on_invalid="skip")
-    from dpo_cli.data.tokenize import load_tokenized_split
+    from dpo_cli.data.load import load_tokenized_split
+    from dpo_cli.data.split import SplitRequest
 
-    first, _ = load_tokenized_split(tokenizer, [str(path)], 64, "train", console, data)
+    request = SplitRequest([str(path)], "train", DataSection(on_invalid="skip", max_length=64))
+    first, _ = load_tokenized_split(tokenizer, request)
     expected = first.to_list()
     del first  # it maps the files about to be damaged
     DAMAGE[damage](_entry(cache))
-    capsys.readouterr()
-    again, summary = load_tokenized_split(tokenizer, [str(path)], 64, "train", console, data)
-    printed = capsys.readouterr().out
+    printed: list[str] = []
+    again, summary = load_tokenized_split(tokenizer, request, printed.append)
     assert f"train data: the prepared copy in {_entry(cache)} is damaged or incomplete; preparing it again" in printed
     assert not summary.from_cache and again.to_list() == expected and len(summary.skipped) == 1
-    _, summary = load_tokenized_split(tokenizer, [str(path)], 64, "train", console, data)
+    _, summary = load_tokenized_split(tokenizer, request)
     assert summary.from_cache
     assert [p.name for p in (cache / "prepared").iterdir()] == [_entry(cache).name]  # no leftovers
 
@@ -566,18 +565,19 @@ def test_a_full_cache_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, trai
     assert list((cache / "prepared").iterdir()) == []  # the half-built folder is gone
 
 
-def test_one_run_prepares_at_a_time_and_clears_what_killed_builds_left(tmp_path, tokenizer, capsys, monkeypatch):
+def test_one_run_prepares_at_a_time_and_clears_what_killed_builds_left(tmp_path, tokenizer, monkeypatch):
     import fcntl
     import threading
 
-    from dpo_cli.data.tokenize import load_tokenized_split
+    from dpo_cli.data.load import load_tokenized_split
+    from dpo_cli.data.split import SplitRequest
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("DPO_CLI_CACHE", str(cache))
     path = tmp_path / "data.jsonl"
     path.write_text(_lines(GOOD, OTHER), encoding="utf-8")
-    console = Console(width=10_000)
-    first, _ = load_tokenized_split(tokenizer, [str(path)], 64, "train", console, DataSection())
+    request = SplitRequest([str(path)], "train", DataSection(max_length=64))
+    first, _ = load_tokenized_split(tokenizer, request)
     expected = first.to_list()
     del first
     entry = _entry(cache)
@@ -589,10 +589,10 @@ def test_one_run_prepares_at_a_time_and_clears_what_killed_builds_left(tmp_path,
     with open(lock_path(entry), "a") as lock:  # another run is preparing the same data
         fcntl.flock(lock, fcntl.LOCK_EX)
         threading.Timer(1.0, fcntl.flock, (lock, fcntl.LOCK_UN)).start()
-        capsys.readouterr()
+        printed: list[str] = []
         started = time.perf_counter()
-        again, summary = load_tokenized_split(tokenizer, [str(path)], 64, "train", console, DataSection())
+        again, summary = load_tokenized_split(tokenizer, request, printed.append)
     assert time.perf_counter() - started >= 1.0
-    assert f"train data: another run is preparing it in {entry}; waiting" in capsys.readouterr().out
+    assert f"train data: another run is preparing it in {entry}; waiting" in printed
     assert not summary.from_cache and again.to_list() == expected
     assert not any(folder.exists() for folder in killed)

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
-import io
 import json
 import os
 
 import pytest
-from rich.console import Console
 
 from dpo_cli.config import DataSection
+from dpo_cli.data.load import load_tokenized_split
 from dpo_cli.data.records import ReadOptions, ReadResult, iter_file_pairs
-from dpo_cli.data.tokenize import load_tokenized_split
+from dpo_cli.data.split import SplitRequest, training_requests
 from dpo_cli.errors import UserError
 from tests.conftest import SHARED_DATA, STORIES_MODEL, require_shared, run_cli_inprocess
-
-QUIET = Console(quiet=True)
 
 
 @pytest.fixture
@@ -85,8 +83,9 @@ def test_several_files_are_read_in_order(records, tokenizer, tmp_path):
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl.gz"
     first.write_bytes(_jsonl(records[:10]))
     second.write_bytes(gzip.compress(_jsonl(records[10:])))
-    both, summary = load_tokenized_split(tokenizer, [str(first), str(second)], 256, "train", QUIET)
-    alone, _ = load_tokenized_split(tokenizer, [str(first)], 256, "train", QUIET)
+    data = DataSection(max_length=256)
+    both, summary = load_tokenized_split(tokenizer, SplitRequest([str(first), str(second)], "train", data))
+    alone, _ = load_tokenized_split(tokenizer, SplitRequest([str(first)], "train", data))
     assert len(both) == summary.kept == len(records)
     assert both[:10] == alone[:10]
 
@@ -97,7 +96,8 @@ def test_the_cache_is_reused_and_invalidated_by_data_tokenizer_and_max_length(re
     data = DataSection(cache_dir=str(tmp_path / "cache"))
 
     def load(max_length=256):
-        return load_tokenized_split(tokenizer, [str(path)], max_length, "train", QUIET, data)
+        request = SplitRequest([str(path)], "train", dataclasses.replace(data, max_length=max_length))
+        return load_tokenized_split(tokenizer, request)
 
     first, summary = load()
     assert not summary.from_cache
@@ -131,9 +131,8 @@ def test_a_different_chat_template_prepares_the_data_again(tokenizer, tmp_path):
     with_roles = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     for template in (plain, with_roles):
         (tmp_path / "t.jinja").write_text(template, encoding="utf-8")
-        pairs, summary = load_tokenized_split(
-            tokenizer, [str(path)], 64, "train", QUIET, DataSection(chat_template=str(tmp_path / "t.jinja"))
-        )
+        data = DataSection(chat_template=str(tmp_path / "t.jinja"), max_length=64)
+        pairs, summary = load_tokenized_split(tokenizer, SplitRequest([str(path)], "train", data))
         assert not summary.from_cache
         ids.append(pairs[0]["prompt_ids"])
     assert ids[0] != ids[1]
@@ -142,11 +141,12 @@ def test_a_different_chat_template_prepares_the_data_again(tokenizer, tmp_path):
 def test_eval_split_holds_out_the_same_pairs_and_train_gets_the_rest(records, tokenizer, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(_jsonl(records))
-    data = DataSection(train=[str(path)], eval_split=0.25)
-    train, _ = load_tokenized_split(tokenizer, [str(path)], 256, "train", QUIET, data)
-    held_out, _ = load_tokenized_split(tokenizer, [], 256, "eval", QUIET, data)
-    held_out_again, summary = load_tokenized_split(tokenizer, [], 256, "eval", QUIET, data)
-    everything, _ = load_tokenized_split(tokenizer, [str(path)], 256, "train", QUIET)
+    data = DataSection(train=[str(path)], eval_split=0.25, max_length=256)
+    train_request, eval_request = training_requests(data, None)
+    train, _ = load_tokenized_split(tokenizer, train_request)
+    held_out, _ = load_tokenized_split(tokenizer, eval_request)
+    held_out_again, summary = load_tokenized_split(tokenizer, eval_request)
+    everything, _ = load_tokenized_split(tokenizer, SplitRequest([str(path)], "train", DataSection(max_length=256)))
     assert (len(train), len(held_out)) == (30, 10)
     assert summary.from_cache and held_out[:] == held_out_again[:]
     train_keys, held_out_keys = _keys(train), _keys(held_out)
@@ -159,20 +159,18 @@ def _keys(pairs) -> list[tuple]:
 
 
 def test_tokenizing_in_several_processes_gives_the_same_ids(records, tokenizer, tmp_path, monkeypatch):
-    import dpo_cli.data.tokenize as tokenization
+    import dpo_cli.data.prepare as prepare
 
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(_jsonl(records * 3))
-    one, _ = load_tokenized_split(
-        tokenizer, [str(path)], 64, "train", QUIET, DataSection(cache_dir=str(tmp_path / "a"))
-    )
-    monkeypatch.setattr(tokenization, "PARALLEL_FROM", 10)
-    monkeypatch.setattr(tokenization, "_worker_count", lambda: 2)
-    console = Console(file=io.StringIO(), width=10_000, record=True)
-    many, _ = load_tokenized_split(
-        tokenizer, [str(path)], 64, "train", console, DataSection(cache_dir=str(tmp_path / "b"))
-    )
-    assert "tokenizing 120 pairs in 2 processes" in console.export_text()
+    data = DataSection(cache_dir=str(tmp_path / "a"), max_length=64)
+    one, _ = load_tokenized_split(tokenizer, SplitRequest([str(path)], "train", data))
+    monkeypatch.setattr(prepare, "PARALLEL_FROM", 10)
+    monkeypatch.setattr(prepare, "_worker_count", lambda: 2)
+    printed: list[str] = []
+    request = SplitRequest([str(path)], "train", dataclasses.replace(data, cache_dir=str(tmp_path / "b")))
+    many, _ = load_tokenized_split(tokenizer, request, printed.append)
+    assert "train data: tokenizing 120 pairs in 2 processes" in printed
     assert many[:] == one[:]
     prepared = next((tmp_path / "b" / "prepared").iterdir())
     assert len(json.loads((prepared / "meta.json").read_text())["tokenized_files"]) == 2
