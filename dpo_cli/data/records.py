@@ -22,8 +22,6 @@ from dpo_cli.data.readers import MAX_RECORD_BYTES, open_records
 from dpo_cli.errors import UserError
 from dpo_cli.files import write_text_atomic
 
-ON_INVALID_CHOICES = ("error", "skip")
-
 
 @dataclass(frozen=True)
 class PreferencePair(Pair):
