@@ -193,7 +193,8 @@ def _option_problem(settings, defaults) -> str | None:
         value = getattr(settings, option)
         readers = [name for name in LOSS_SPECS if option in LOSS_SPECS[name].reads and name != "simpo"]
         if value != defaults[option] and not any(option in LOSS_SPECS[name].reads for name in names):
-            return message.format(value=value, loss_type=settings.loss_type, readers=", ".join(readers))
+            # The losses as they run: with reference_free, sigmoid is simpo, which reads no label_smoothing.
+            return message.format(value=value, loss_type=names, readers=", ".join(readers))
     for option in ("label_smoothing",):
         problem = _range_problem(option, getattr(settings, option), names)
         if problem:
