@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-# The light rule tables of the sections' owners: standard library only, they import nothing of the recipe back.
+# Config composes the rules its sections' owners keep beside their code, in leaf modules that import only the
+# standard library (and errors): no torch, and nothing that imports this module back.
 from dpo_cli.data.formats import FORMAT_CHOICES, parse_columns
 from dpo_cli.dpo.loss_specs import dpo_settings_problem
 from dpo_cli.errors import UserError

@@ -66,3 +66,15 @@ def _function_level_imports(path) -> list[str]:
 @pytest.mark.parametrize("path", [PACKAGE / "config.py", *sorted((PACKAGE / "dpo").glob("*.py"))], ids=str)
 def test_no_function_level_import_hides_a_dependency(path):
     assert _function_level_imports(path) == []
+
+
+@pytest.mark.parametrize(
+    ("leaf", "may_load"),
+    [("dpo_cli.dpo.loss_specs", set()), ("dpo_cli.data.formats", {"dpo_cli.errors"})],
+)
+def test_the_rule_tables_config_reads_are_leaves(leaf, may_load):
+    """config imports these at its top, so they must not import config (a cycle) or anything heavy."""
+    loaded = {name for name in modules_after(f"import {leaf}") if name.startswith("dpo_cli")}
+    package = leaf.rsplit(".", 1)[0]
+    assert loaded - {"dpo_cli", package, leaf} == may_load
+    assert "torch" not in modules_after(f"import {leaf}")
