@@ -54,9 +54,10 @@ def load(args):
 def one_micro_batch(model, batch, dpo) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds of this process, loss): CPU time stays steady when other work shares the CPU."""
     from dpo_cli.dpo.scoring import score_batch
+    from dpo_cli.model.load import scoring_model
 
     started, started_cpu = time.perf_counter(), time.process_time()
-    scores = score_batch(model, batch, dpo)
+    scores = score_batch(scoring_model(model), batch, dpo)
     scores.loss.backward()
     elapsed, elapsed_cpu = time.perf_counter() - started, time.process_time() - started_cpu
     model.zero_grad(set_to_none=True)

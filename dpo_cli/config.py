@@ -20,10 +20,16 @@ from typing import Any
 
 import yaml
 
+# Config composes the rules its sections' owners keep beside their code, in leaf modules that import only the
+# standard library (and errors): no torch, and nothing that imports this module back.
+from dpo_cli.data.formats import FORMAT_CHOICES, parse_columns
+from dpo_cli.dpo.loss_specs import dpo_settings_problem
 from dpo_cli.errors import UserError
 from dpo_cli.files import read_user_text, write_text_atomic
 
 RECIPE_FILENAME = "recipe.yaml"
+ON_INVALID_CHOICES = ("error", "skip")
+"""data.on_invalid: stop at the first bad record, or set bad records aside and count them."""
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 """The devices model.resolve_device understands: auto, cpu, cuda, cuda:N."""
 
@@ -98,11 +104,6 @@ class DataSection:
     attention can take its mask, else padded). Same numbers in every layout, to float rounding."""
 
     def __post_init__(self):
-        from dpo_cli.data.formats import FORMAT_CHOICES, parse_columns
-        from dpo_cli.data.records import (
-            ON_INVALID_CHOICES,  # late: data pulls in the readers, configs load without them
-        )
-
         _check_finite_floats("data", self)
         _check_positive("data.max_length", self.max_length)
         _check_choice("data.format", self.format, FORMAT_CHOICES)
@@ -202,94 +203,14 @@ class DpoSection:
     """Score the reference once over the training data before the first step, so each step runs only the policy."""
 
     def __post_init__(self):
-        from dpo_cli.dpo import losses  # late: losses imports torch, configs load without it
-
         _check_finite_floats("dpo", self)
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
-        if not self.loss_type:
-            raise UserError("recipe key dpo.loss_type: empty; name at least one loss, e.g. [sigmoid]")
-        for name in self.loss_type:
-            _check_choice("dpo.loss_type", name, tuple(losses.LOSS_TYPES))
-        _check_choice("dpo.f_divergence_type", self.f_divergence_type, tuple(losses.F_DIVERGENCES))
-        if self.beta <= 0:
-            raise UserError(f"recipe key dpo.beta: {self.beta} must be positive, e.g. 0.1")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise UserError(
-                f"recipe key dpo.loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} losses "
-                f"{self.loss_type}; give one weight per loss_type entry"
-            )
-        self._check_label_smoothing(losses.LABEL_SMOOTHING_LOSSES)
-        self._check_loss_options(losses)
-        if self.reference_free:
-            self._check_reference_free(losses.REFERENCE_FREE_LOSSES)
-
-    def _uses(self, names: tuple[str, ...]) -> bool:
-        return any(name in names for name in self.loss_type)
-
-    def _check_label_smoothing(self, smoothing_losses: tuple[str, ...]) -> None:
-        key, value = "recipe key dpo.label_smoothing", self.label_smoothing
-        if value and not self._uses(smoothing_losses):
-            raise UserError(
-                f"{key}: {value} has no effect on {self.loss_type}; only {', '.join(smoothing_losses)} read it"
-            )
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"{key}: {value} is outside [0, 1)")
-        flip_losses = [name for name in self.loss_type if name in smoothing_losses and name != "exo_pair"]
-        if flip_losses and not value < 0.5:
-            raise UserError(
-                f"{key}: {value} must be below 0.5 for {', '.join(flip_losses)}: it is the probability that a label "
-                "is flipped, and from 0.5 on the rejected completion would be preferred"
-            )
-        if "exo_pair" in self.loss_type and value == 0.0:
-            raise UserError(f"{key}: exo_pair needs it above 0 (log ε would be -inf); the EXO paper uses 1e-3")
-
-    def _check_loss_options(self, losses) -> None:
-        if self.discopop_tau <= 0:
-            raise UserError(f"recipe key dpo.discopop_tau: {self.discopop_tau} must be positive, e.g. 0.05")
-        if self.discopop_tau != 0.05 and "discopop" not in self.loss_type:
-            raise UserError(f"recipe key dpo.discopop_tau: read only by loss_type discopop, not {self.loss_type}")
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise UserError(f"recipe key dpo.ld_alpha: {self.ld_alpha} is outside [0, 1]; 1 is plain DPO")
-        if self.f_divergence_type != "reverse_kl" and not set(self.loss_type) <= set(losses.F_DIVERGENCE_LOSSES):
-            others = sorted(set(self.loss_type) - set(losses.F_DIVERGENCE_LOSSES))
-            raise UserError(
-                f"recipe key dpo.f_divergence_type: {self.f_divergence_type} has no valid form for "
-                f"{', '.join(others)}; it works with {', '.join(losses.F_DIVERGENCE_LOSSES)}, or use reverse_kl"
-            )
-        if self.f_alpha_divergence_coef != 0.5 and self.f_divergence_type != "alpha_divergence":
-            raise UserError(
-                "recipe key dpo.f_alpha_divergence_coef: read only with f_divergence_type alpha_divergence, "
-                f"not {self.f_divergence_type}"
-            )
-        if self.use_weighting and self._uses(losses.SORTING_LOSSES):
-            raise UserError(
-                "recipe key dpo.use_weighting: WPO weights are per pair, but aot and aot_unpaired sort pairs over the "
-                "batch; use another loss or turn use_weighting off"
-            )
-        if self.use_weighting and "sft" in self.loss_type:
-            raise UserError(
-                "recipe key dpo.use_weighting: sft is one number per batch, not per pair, so WPO has no weight for it "
-                "(TRL 1.16 fails on this combination too); drop sft or turn use_weighting off"
-            )
-        if self.gamma != 0.5 and not self.reference_free:
-            raise UserError("recipe key dpo.gamma: SimPO's margin is read only with dpo.reference_free: true")
-
-    def _check_reference_free(self, reference_free_losses: tuple[str, ...]) -> None:
-        key = "recipe key dpo.reference_free"
-        if "sigmoid" not in self.loss_type or not set(self.loss_type) <= set(reference_free_losses):
-            raise UserError(
-                f"{key}: runs SimPO, whose loss is loss_type sigmoid (optionally with sft, as CPO-SimPO); "
-                f"{self.loss_type} needs a reference"
-            )
-        for option, value, default, why in (
-            ("precompute_ref", self.precompute_ref, False, "there is no reference to precompute"),
-            ("f_divergence_type", self.f_divergence_type, "reverse_kl", "f-divergences act on reference log-ratios"),
-            ("ld_alpha", self.ld_alpha, None, "SimPO already normalises by length"),
-            ("use_weighting", self.use_weighting, False, "WPO-weighted SimPO has no TRL counterpart to check it"),
-        ):
-            if value != default:
-                raise UserError(f"{key}: cannot be combined with dpo.{option}={value}: {why}")
+        # The rules of each loss live with the losses, in dpo/loss_specs.py (no torch).
+        defaults = {item.name: item.default for item in dataclasses.fields(self)}
+        problem = dpo_settings_problem(self, defaults)
+        if problem is not None:
+            raise UserError(problem)
 
 
 TRACKERS = ("tensorboard", "wandb")

@@ -20,8 +20,6 @@ from dpo_cli.data.formats import FORMATS, Pair, RecordProblem, detect_format, re
 from dpo_cli.data.readers import open_records
 from dpo_cli.errors import UserError
 
-ON_INVALID_CHOICES = ("error", "skip")
-
 
 @dataclass(frozen=True)
 class PreferencePair(Pair):

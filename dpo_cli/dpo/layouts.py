@@ -35,9 +35,6 @@ class PreferenceBatch:
     completion_index: torch.Tensor  # (R, T) long, completion of the predicted token, -1 where not scored
     num_pairs: int
     position_ids: torch.Tensor | None = None  # (R, T) long; None lets the model count 0.. per row
-    # (P,) float32 reference log-probs computed before training (`dpo.precompute_ref`); None: run the reference
-    ref_chosen_logps: torch.Tensor | None = None
-    ref_rejected_logps: torch.Tensor | None = None
     # Packed layouts only (None: each row is one causal sequence, padding masked by `attention_mask`):
     segment_ids: torch.Tensor | None = None  # (R, T) long, the sequence or pair segment of each token, -1 on padding
     branch_ids: torch.Tensor | None = None  # (R, T) long, SHARED, CHOSEN_BRANCH or REJECTED_BRANCH
@@ -118,15 +115,12 @@ def collate_padded(pairs: Sequence[Mapping[str, list[int]]], pad_token_id: int) 
         # A completion starting at token 0 (nothing before it) cannot have its first token predicted, as in TRL.
         target_ids[row, : length - 1] = input_ids[row, 1:length]
         completion_index[row, max(prompt_len, 1) - 1 : length - 1] = row
-    ref_chosen, ref_rejected = precomputed_reference(pairs)
     return PreferenceBatch(
         input_ids,
         attention_mask,
         target_ids,
         completion_index,
         num_pairs,
-        ref_chosen_logps=ref_chosen,
-        ref_rejected_logps=ref_rejected,
     )
 
 
@@ -225,7 +219,6 @@ def _collate_units(
                     target_ids[row, scored] = ids[piece.scored_from + 1 : piece.scored_to + 1]
                     completion_index[row, scored] = piece.completion
                 column = stop
-    ref_chosen, ref_rejected = precomputed_reference(pairs)
     return PreferenceBatch(
         input_ids,
         attention_mask,
@@ -233,8 +226,6 @@ def _collate_units(
         completion_index,
         len(pairs),
         position_ids=position_ids,
-        ref_chosen_logps=ref_chosen,
-        ref_rejected_logps=ref_rejected,
         segment_ids=segment_ids,
         branch_ids=branch_ids,
     )
@@ -299,19 +290,3 @@ def token_budget_batches(tokens_per_pair: Sequence[int], max_tokens: int) -> lis
     if current:
         batches.append(current)
     return batches
-
-
-REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def precomputed_reference(pairs: Sequence[Mapping]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(chosen, rejected) reference log-probs (P,) carried by the pair items, or (None, None) if they carry none.
-
-    Any layout puts them in the batch the same way: they are per pair, not per token.
-    """
-    carried = [isinstance(pair, Mapping) and all(key in pair for key in REFERENCE_KEYS) for pair in pairs]
-    if not any(carried):
-        return None, None
-    if not all(carried):  # a bug in the caller: half a batch with a reference would silently mix two objectives
-        raise ValueError("some pairs carry precomputed reference log-probs and some do not")
-    return tuple(torch.tensor([float(pair[key]) for pair in pairs], dtype=torch.float32) for key in REFERENCE_KEYS)

@@ -145,14 +145,22 @@ def sum_per_completion(values: torch.Tensor, token_completion: torch.Tensor, num
 
 
 def completion_logps(
-    backbone, lm_head, batch, logit_scale: float = 1.0, softcap: float | None = None, with_sum_sq: bool = False
+    backbone,
+    lm_head,
+    batch,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    with_sum_sq: bool = False,
+    attention_backend: str = "eager",
+    mask_dtype: torch.dtype = torch.float32,
 ):
     """Run the backbone over a `PreferenceBatch` and score its completion tokens through `lm_head`.
 
-    With `with_sum_sq`, also log Σ_v p_v² per scored token (what WPO's weights need), at no extra matmul."""
+    With `with_sum_sq`, also log Σ_v p_v² per scored token (what WPO's weights need), at no extra matmul. A packed
+    batch's block mask is built for `attention_backend` (an eager additive mask in `mask_dtype`)."""
     hidden_states = backbone(
         input_ids=batch.input_ids,
-        attention_mask=model_attention_mask(batch, backbone),  # the packed layouts' block mask, explicit
+        attention_mask=model_attention_mask(batch, attention_backend, mask_dtype),  # packed layouts' mask, explicit
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state  # (R, T, H)

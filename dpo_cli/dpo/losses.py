@@ -2,7 +2,8 @@
 
 Every loss of TRL 1.16's DPOTrainer is here under TRL's name, each a function `(PairLogps, LossOptions) -> (P,)`
 giving one loss per pair; the formulas follow TRL's `_compute_loss` term by term so the tests can hold us to its
-numbers. `preference_loss` sums the selected losses with their weights, and applies the WPO pair weights if given.
+numbers. Which options each reads and when it is valid is its spec in `loss_specs.py`; SimPO (`simpo_loss`) is a
+spec of its own. `preference_loss` sums the selected losses with their weights, and applies the WPO pair weights.
 Two per-token reductions live here too, because they belong to loss options rather than to log-prob computation:
 LD-DPO's length-desensitised sums and WPO's weights. Nothing here knows about models, batches or files.
 """
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from dpo_cli.dpo.loss_specs import LOSS_SPECS, RECIPE_LOSS_TYPES
 
 
 @dataclass
@@ -225,38 +228,12 @@ def simpo_loss(x: PairLogps, o: LossOptions) -> torch.Tensor:
     return -F.logsigmoid(o.beta * (x.chosen / chosen_lengths - x.rejected / rejected_lengths) - o.gamma)
 
 
-LOSS_TYPES: dict[str, Callable[[PairLogps, LossOptions], torch.Tensor]] = {
-    "sigmoid": sigmoid_loss,
-    "hinge": hinge_loss,
-    "ipo": ipo_loss,
-    "exo_pair": exo_pair_loss,
-    "nca_pair": nca_pair_loss,
-    "robust": robust_loss,
-    "bco_pair": bco_pair_loss,
-    "sppo_hard": sppo_hard_loss,
-    "aot": aot_loss,
-    "aot_unpaired": aot_unpaired_loss,
-    "apo_zero": apo_zero_loss,
-    "apo_down": apo_down_loss,
-    "discopop": discopop_loss,
-    "sft": sft_loss,
-    "sigmoid_norm": sigmoid_norm_loss,
+# Each spec of loss_specs.LOSS_SPECS names its function here; SimPO is `simpo`, reached by `dpo.reference_free`.
+LOSS_FUNCTIONS: dict[str, Callable[[PairLogps, LossOptions], torch.Tensor]] = {
+    name: globals()[spec.function] for name, spec in LOSS_SPECS.items()
 }
-
-# Which losses read which options: the recipe checks use these to reject settings that would have no effect.
-LABEL_SMOOTHING_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
-# The f-DPO reparameterisation leaves a β·log Z(x) term that cancels only in a chosen-minus-rejected difference.
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-# Sorting over the batch would misalign WPO's per-pair weights.
-SORTING_LOSSES = ("aot", "aot_unpaired")
-# Reference-free training is SimPO, with `sigmoid` as its preference term; `sft` needs no reference either.
-REFERENCE_FREE_LOSSES = ("sigmoid", "sft")
-
-
-def loss_function(name: str, reference_free: bool = False) -> Callable[[PairLogps, LossOptions], torch.Tensor]:
-    if reference_free and name == "sigmoid":
-        return simpo_loss
-    return LOSS_TYPES[name]
+# The losses a recipe's dpo.loss_type names, TRL's.
+LOSS_TYPES = {name: LOSS_FUNCTIONS[name] for name in RECIPE_LOSS_TYPES}
 
 
 def preference_loss(
@@ -265,16 +242,17 @@ def preference_loss(
     options: LossOptions,
     loss_weights: list[float] | None = None,
     pair_weights: torch.Tensor | None = None,
-    reference_free: bool = False,
 ) -> torch.Tensor:
     """Per-pair loss (P,): Σ_k weight_k · loss_k, each loss times the WPO `pair_weights` when given.
+
+    `loss_types` are spec names (loss_specs.loss_names resolves a recipe's, e.g. sigmoid to simpo when reference-free).
 
     Its mean is TRL's loss: TRL sums weight_k · mean(loss_k), which is the same number.
     """
     weights = loss_weights if loss_weights is not None else [1.0] * len(loss_types)
     total = torch.zeros_like(x.chosen)
     for name, weight in zip(loss_types, weights, strict=True):
-        per_pair = loss_function(name, reference_free)(x, options)
+        per_pair = LOSS_FUNCTIONS[name](x, options)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
         total = total + per_pair * weight

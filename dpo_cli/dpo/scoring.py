@@ -1,19 +1,26 @@
 """One batch through the policy and the reference: the DPO loss and the per-pair numbers behind the metrics.
 
 Training and evaluation both call `score_batch`, so the numbers `eval` reports are computed exactly as the ones the
-optimizer saw. The reference comes from one of three places: a pass with the adapters disabled, the batch (when it
-was precomputed before training), or nowhere at all (reference-free SimPO).
+optimizer saw. The reference comes from one of three places: a pass with the adapters disabled, `ref_logps` handed
+in (precomputed before training), or nowhere at all (reference-free SimPO). `scored_batches` is the one no-grad
+batching loop that evaluation and the reference precompute both run.
+
+The model arrives as a `ScoringModel` of plain values and callables (model/load.py's `scoring_model` builds it), and
+the settings as anything with the recipe's dpo attributes, so this module imports only torch and dpo/.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from dpo_cli.config import DpoSection
-from dpo_cli.dpo.layouts import PreferenceBatch
+from dpo_cli.dpo.layouts import PreferenceBatch, collate
 from dpo_cli.dpo.logprobs import CompletionLogps, completion_logps
+from dpo_cli.dpo.loss_specs import LOSS_SPECS, loss_names
 from dpo_cli.dpo.losses import (
     LossOptions,
     PairLogps,
@@ -23,7 +30,38 @@ from dpo_cli.dpo.losses import (
     simpo_rewards,
     wpo_weights,
 )
-from dpo_cli.model.load import backbone_and_head, logit_transform, reference_mode
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """What scoring needs of a causal LM: the backbone (input_ids, attention_mask, position_ids, use_cache ->
+    `.last_hidden_state` (R, T, H)), the LM head (its weight (V, H) and bias), the logit transform the model's own
+    forward applies, its attention backend, and a context in which it runs as the reference (adapters off, no grad).
+    """
+
+    backbone: Callable[..., Any]
+    lm_head: torch.nn.Module
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    attention_backend: str = "eager"
+    mask_dtype: torch.dtype = torch.float32
+    reference_mode: Callable[[], AbstractContextManager] | None = None
+
+
+class DpoSettings(Protocol):
+    """The settings scoring reads: the recipe's dpo section has them all."""
+
+    beta: float
+    loss_type: list[str]
+    loss_weights: list[float] | None
+    label_smoothing: float
+    discopop_tau: float
+    ld_alpha: float | None
+    use_weighting: bool
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
+    reference_free: bool
+    gamma: float
 
 
 @dataclass
@@ -39,14 +77,23 @@ class BatchScores:
         return self.losses.mean()
 
 
-def policy_logps(model, batch: PreferenceBatch, with_sum_sq: bool = False) -> CompletionLogps:
-    backbone, lm_head = backbone_and_head(model)
-    scale, softcap = logit_transform(model)
-    return completion_logps(backbone, lm_head, batch, scale, softcap, with_sum_sq)
+def policy_logps(model: ScoringModel, batch: PreferenceBatch, with_sum_sq: bool = False) -> CompletionLogps:
+    return completion_logps(
+        model.backbone,
+        model.lm_head,
+        batch,
+        model.logit_scale,
+        model.softcap,
+        with_sum_sq,
+        model.attention_backend,
+        model.mask_dtype,
+    )
 
 
-def reference_logps(model, batch: PreferenceBatch) -> CompletionLogps:
-    with reference_mode(model):
+def reference_logps(model: ScoringModel, batch: PreferenceBatch) -> CompletionLogps:
+    if model.reference_mode is None:
+        raise ValueError("this ScoringModel has no reference mode; build it with model.load.scoring_model")
+    with model.reference_mode():
         return policy_logps(model, batch)
 
 
@@ -57,14 +104,12 @@ def sequence_logps(logps: CompletionLogps, ld_alpha: float | None) -> torch.Tens
     return length_desensitized_logps(logps.token_logps, logps.token_completion, logps.lengths, ld_alpha)
 
 
-def reference_sequence_logps(model, batch: PreferenceBatch, dpo: DpoSection) -> torch.Tensor:
-    """(2P,) reference log-probs as the losses see them: precomputed ones when the batch carries them."""
-    if batch.ref_chosen_logps is not None and batch.ref_rejected_logps is not None:
-        return torch.cat([batch.ref_chosen_logps, batch.ref_rejected_logps])
-    return sequence_logps(reference_logps(model, batch), dpo.ld_alpha)
+def reference_sequence_logps(model: ScoringModel, batch: PreferenceBatch, ld_alpha: float | None) -> torch.Tensor:
+    """(2P,) reference log-probs as the losses see them, chosen first: one pass with the adapters off."""
+    return sequence_logps(reference_logps(model, batch), ld_alpha)
 
 
-def loss_options(dpo: DpoSection) -> LossOptions:
+def loss_options(dpo: DpoSettings) -> LossOptions:
     return LossOptions(
         beta=dpo.beta,
         label_smoothing=dpo.label_smoothing,
@@ -75,24 +120,62 @@ def loss_options(dpo: DpoSection) -> LossOptions:
     )
 
 
-def score_batch(model, batch: PreferenceBatch, dpo: DpoSection) -> BatchScores:
+def score_batch(
+    model: ScoringModel, batch: PreferenceBatch, dpo: DpoSettings, ref_logps: torch.Tensor | None = None
+) -> BatchScores:
+    """Losses and rewards of `batch`; `ref_logps` (P, 2), each pair's precomputed (chosen, rejected) reference
+    log-probs, replaces the reference pass."""
+    names = loss_names(dpo.loss_type, dpo.reference_free)
     # The reference goes first: its activations are freed before the policy's autograd graph is built.
-    reference = None if dpo.reference_free else reference_sequence_logps(model, batch, dpo)
+    reference = _reference_pair(model, batch, dpo, ref_logps)
     policy = policy_logps(model, batch, with_sum_sq=dpo.use_weighting)
     chosen, rejected = sequence_logps(policy, dpo.ld_alpha).chunk(2)
-    if reference is None:  # SimPO
-        ref_chosen, ref_rejected = torch.zeros_like(chosen), torch.zeros_like(rejected)
-    else:
-        ref_chosen, ref_rejected = reference.chunk(2)
+    if reference is None:  # SimPO: no reference, its terms are zero
+        reference = torch.zeros_like(chosen), torch.zeros_like(rejected)
+    ref_chosen, ref_rejected = reference
     chosen_lengths, rejected_lengths = policy.lengths.chunk(2)
     plain_chosen = policy.sums.chunk(2)[0] if dpo.ld_alpha is not None else None
     logps = PairLogps(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, plain_chosen)
     pair_weights = None
     if dpo.use_weighting:
         pair_weights = wpo_weights(policy.token_logps, policy.log_sum_sq_probs, policy.token_completion, policy.lengths)
-    losses = preference_loss(
-        logps, dpo.loss_type, loss_options(dpo), dpo.loss_weights, pair_weights, dpo.reference_free
-    )
-    reward_function = simpo_rewards if dpo.reference_free else rewards
-    chosen_rewards, rejected_rewards = reward_function(logps, dpo.beta)
+    losses = preference_loss(logps, names, loss_options(dpo), dpo.loss_weights, pair_weights)
+    simpo = any(LOSS_SPECS[name].rewards == "simpo" for name in names)
+    chosen_rewards, rejected_rewards = (simpo_rewards if simpo else rewards)(logps, dpo.beta)
     return BatchScores(losses, logps, chosen_rewards, rejected_rewards, policy)
+
+
+def _reference_pair(
+    model: ScoringModel, batch: PreferenceBatch, dpo: DpoSettings, ref_logps: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(chosen, rejected) reference log-probs (P,) each: handed in, from a pass with the adapters off, or None."""
+    if dpo.reference_free:
+        return None
+    if ref_logps is not None:
+        chosen, rejected = ref_logps.to(batch.input_ids.device).unbind(1)
+        return chosen, rejected
+    chosen, rejected = reference_sequence_logps(model, batch, dpo.ld_alpha).chunk(2)
+    return chosen, rejected
+
+
+Scored = TypeVar("Scored")
+
+
+def scored_batches(
+    pairs: Sequence[Mapping],
+    pad_token_id: int,
+    layout: str,
+    batch_size: int,
+    device: torch.device | str,
+    score: Callable[[PreferenceBatch], Scored],
+) -> Iterator[tuple[int, int, Scored]]:
+    """(start, stop, score(batch)) for consecutive batches of `pairs[start:stop]`, each scored without gradients.
+
+    Grad mode is switched off around `score` only, never across a `yield`, so the caller's code between batches
+    runs as it would anyway."""
+    for start in range(0, len(pairs), batch_size):
+        stop = min(start + batch_size, len(pairs))
+        batch = collate(layout, [pairs[i] for i in range(start, stop)], pad_token_id).to(device)
+        with torch.no_grad():
+            scored = score(batch)
+        yield start, stop, scored

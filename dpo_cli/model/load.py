@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dpo_cli.config import LoraSection, ModelSection
+from dpo_cli.dpo.scoring import ScoringModel
 from dpo_cli.errors import UserError
 
 
@@ -194,6 +195,26 @@ def logit_transform(model) -> tuple[float, float | None]:
         scale = 1.0 / text_config.logits_scaling
     softcap = getattr(text_config, "final_logit_softcapping", None)
     return (1.0 if scale is None else float(scale)), softcap
+
+
+def attention_backend(backbone) -> str:
+    """The attention implementation transformers runs `backbone` with (sdpa, eager, flex_attention, ...)."""
+    return getattr(backbone.config, "_attn_implementation", None) or "eager"
+
+
+def scoring_model(model) -> ScoringModel:
+    """What dpo/scoring needs of a plain or PEFT-wrapped causal LM, as plain values and callables."""
+    backbone, lm_head = backbone_and_head(model)
+    scale, softcap = logit_transform(model)
+    return ScoringModel(
+        backbone=backbone,
+        lm_head=lm_head,
+        logit_scale=scale,
+        softcap=softcap,
+        attention_backend=attention_backend(backbone),
+        mask_dtype=backbone.get_input_embeddings().weight.dtype,
+        reference_mode=lambda: reference_mode(model),
+    )
 
 
 @contextlib.contextmanager

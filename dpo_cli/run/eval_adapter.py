@@ -20,10 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dpo_cli.data.split import SplitRequest
-from dpo_cli.dpo.attention import resolve_layout
 from dpo_cli.errors import UserError
 from dpo_cli.files import write_text_atomic
 from dpo_cli.model.adapter import load_base_tokenizer, load_policy, open_adapter
+from dpo_cli.model.attention_support import resolve_layout
 from dpo_cli.output_folder import check_placeable, is_replaceable_output, is_within
 from dpo_cli.run.data_report import load_split
 from dpo_cli.run.evaluate import evaluate_pairs

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-
 from dpo_cli.config import DpoSection
-from dpo_cli.dpo.layouts import collate
-from dpo_cli.dpo.scoring import score_batch
+from dpo_cli.dpo.scoring import score_batch, scored_batches
+from dpo_cli.model.load import scoring_model
 from dpo_cli.run.metrics import PairMetrics
 
 
@@ -28,26 +26,27 @@ def evaluate_pairs(
 ) -> dict[str, float]:
     """Metrics over `pairs`; with `per_pair` a list, one row per pair (rewards, margin, ranked right) is appended."""
     device = next(model.parameters()).device
+    scoring = scoring_model(model)
     was_training = model.training
     model.eval()
     metrics = PairMetrics()
+
+    def score(batch):
+        return score_batch(scoring, batch, dpo)
+
     try:
-        with torch.no_grad():
-            for start in range(0, len(pairs), batch_size):
-                chunk = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
-                batch = collate(layout, chunk, pad_token_id).to(device)
-                scores = score_batch(model, batch, dpo)
-                metrics.add(
-                    scores.losses,
-                    scores.chosen_rewards,
-                    scores.rejected_rewards,
-                    scores.logps.chosen,
-                    scores.logps.rejected,
-                )
-                if per_pair is not None:
-                    _append_rows(per_pair, start, scores)
-                if on_batch is not None:
-                    on_batch(len(chunk))
+        for start, stop, scores in scored_batches(pairs, pad_token_id, layout, batch_size, device, score):
+            metrics.add(
+                scores.losses,
+                scores.chosen_rewards,
+                scores.rejected_rewards,
+                scores.logps.chosen,
+                scores.logps.rejected,
+            )
+            if per_pair is not None:
+                _append_rows(per_pair, start, scores)
+            if on_batch is not None:
+                on_batch(stop - start)
     finally:
         model.train(was_training)
     return {**metrics.means(), "num_pairs": metrics.count}

@@ -21,17 +21,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dpo_cli.config import RECIPE_FILENAME, Recipe
 from dpo_cli.data.split import training_requests
-from dpo_cli.dpo.attention import resolve_layout
 from dpo_cli.dpo.layouts import collate, pair_tokens, token_budget_batches
 from dpo_cli.dpo.scoring import score_batch
 from dpo_cli.errors import UserError
 from dpo_cli.files import disk_full_as_user_error, move_files_into, remove_stale_temporaries, write_text_atomic
+from dpo_cli.model.attention_support import resolve_layout
 from dpo_cli.model.load import (
     IGNORED_RECIPE_TRUST,
     add_lora,
     load_base_model,
     load_tokenizer,
     resolve_device,
+    scoring_model,
     trainable_parameters,
 )
 from dpo_cli.output_folder import check_folder_is_ours, check_placeable, claimed_folder, honour_umask, is_within
@@ -49,7 +50,7 @@ from dpo_cli.run.data_report import load_split
 from dpo_cli.run.distributed import check_single_process, is_main_process
 from dpo_cli.run.evaluate import evaluate_pairs
 from dpo_cli.run.metrics import MetricsLog, PairMetrics, is_finite
-from dpo_cli.run.reference import PAIR_KEYS, precompute_reference_logps, with_reference
+from dpo_cli.run.reference import PAIR_KEYS, precompute_reference_logps
 from dpo_cli.run.report import write_run_report
 from dpo_cli.run.resume_settings import (
     TRAIN_PAIRS,
@@ -238,6 +239,7 @@ class Trainer:
         base = load_base_model(recipe.model, self.device, trust_remote_code)
         self.model = add_lora(base, recipe.lora, recipe.model.gradient_checkpointing)
         self.model.train()
+        self.scoring = scoring_model(self.model)
         self.layout, fallback_note = resolve_layout(recipe.data.layout, self.model, max_length)
         if fallback_note:
             self.console.print(fallback_note)
@@ -312,10 +314,9 @@ class Trainer:
         first = self.state.micro_batches_done
         return [self.stream.indices(m) for m in range(first, first + self.recipe.training.grad_accum)]
 
-    def _pairs(self, indices: list[int]) -> list:
-        if self.train_ref_logps is None:
-            return [self.train_pairs[i] for i in indices]
-        return [with_reference(self.train_pairs[i], self.train_ref_logps[i]) for i in indices]
+    def _ref_logps(self, indices: list[int]) -> torch.Tensor | None:
+        """(P, 2) the precomputed reference log-probs of these pairs, or None: score_batch runs the reference."""
+        return None if self.train_ref_logps is None else self.train_ref_logps[indices]
 
     def train_step(self) -> dict:
         started = time.perf_counter()
@@ -324,8 +325,9 @@ class Trainer:
         metrics = PairMetrics()
         tokens = 0
         for indices in batches:
-            batch = collate(self.layout, self._pairs(indices), self.tokenizer.pad_token_id).to(self.device)
-            scores = score_batch(self.model, batch, self.recipe.dpo)
+            pairs = [self.train_pairs[i] for i in indices]
+            batch = collate(self.layout, pairs, self.tokenizer.pad_token_id).to(self.device)
+            scores = score_batch(self.scoring, batch, self.recipe.dpo, self._ref_logps(indices))
             loss_sum = float(scores.losses.detach().sum())
             if not is_finite(loss_sum):
                 raise TrainingDiverged(

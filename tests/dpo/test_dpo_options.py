@@ -78,6 +78,11 @@ def test_a_full_recipe_section_parses_with_yaml_types():
         ({"reference_free": True, "precompute_ref": True}, r"dpo\.reference_free: .*precompute_ref=True"),
         ({"reference_free": True, "ld_alpha": 0.5}, r"dpo\.reference_free: .*ld_alpha=0\.5"),
         ({"reference_free": True, "use_weighting": True}, r"dpo\.reference_free: .*use_weighting=True"),
+        # SimPO is its own loss: it reads no label_smoothing, which sigmoid (its recipe name) does.
+        (
+            {"reference_free": True, "label_smoothing": 0.1},
+            r"dpo\.label_smoothing: 0\.1 has no effect on \['simpo'\]",
+        ),
     ],
 )
 def test_invalid_combinations_fail_at_load_with_one_line_naming_the_key(settings, message):

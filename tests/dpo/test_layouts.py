@@ -9,10 +9,12 @@ import torch
 from dpo_cli.config import DpoSection, ModelSection
 from dpo_cli.data.records import read_jsonl
 from dpo_cli.data.tokenize import tokenize_pairs
-from dpo_cli.dpo.attention import flex_block_mask, model_attention_mask, resolve_layout, unsupported_reason
+from dpo_cli.dpo import scoring
+from dpo_cli.dpo.attention import flex_block_mask, model_attention_mask
 from dpo_cli.dpo.layouts import collate, collate_packed, collate_padded, collate_shared_prompt
-from dpo_cli.dpo.scoring import score_batch
-from dpo_cli.model.load import add_lora, backbone_and_head, load_base_model, load_tokenizer
+from dpo_cli.dpo.scoring import score_batch, scored_batches
+from dpo_cli.model.attention_support import resolve_layout, unsupported_reason
+from dpo_cli.model.load import add_lora, load_base_model, load_tokenizer, scoring_model
 
 TWO_PAIRS = [
     {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
@@ -125,14 +127,6 @@ def test_packing_never_makes_more_or_wider_rows_than_padding():
     assert torch.equal(packed.completion_lengths(), padded.completion_lengths())
 
 
-def test_precomputed_reference_travels_in_every_layout():
-    pairs = [{**pair, "ref_chosen_logps": -1.5 - i, "ref_rejected_logps": -2.5 - i} for i, pair in enumerate(TWO_PAIRS)]
-    for layout in ("padded", "packed", "shared-prompt"):
-        batch = collate(layout, pairs, 0)
-        assert batch.ref_chosen_logps.tolist() == [-1.5, -2.5], layout
-        assert batch.ref_rejected_logps.tolist() == [-2.5, -3.5], layout
-
-
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: no compiler
 def test_flex_block_mask_is_the_same_rule():
     """The BlockMask's mask_mod, evaluated at every (query, key), is `attention_allowed()`; and flex attention with it
@@ -186,7 +180,7 @@ def _pairs(model_path, data_path, max_length):
 
 
 def _scores_and_grads(model, batch, dpo):
-    scores = score_batch(model, batch, dpo)
+    scores = score_batch(scoring_model(model), batch, dpo)
     scores.loss.backward()
     grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -250,15 +244,33 @@ def test_stories_4bit_layouts_equal_padded(stories_setup, layout, settings):
 def test_eager_attention_gets_an_additive_mask_with_the_same_numbers(tiny_setup):
     """eager adds the mask to the scores: a boolean there would be silently wrong, so it must get 0 / -inf."""
     model, pairs, pad_token_id = tiny_setup
-    backbone, _ = backbone_and_head(model)
     model.set_attn_implementation("eager")
     try:
         batch = collate_shared_prompt(pairs, pad_token_id)
-        mask = model_attention_mask(batch, backbone)
+        scored = scoring_model(model)
+        assert scored.attention_backend == "eager"
+        mask = model_attention_mask(batch, scored.attention_backend, scored.mask_dtype)
         assert mask.dtype.is_floating_point and float(mask.max()) == 0.0
         _assert_same_numbers(model, pairs, pad_token_id, "shared-prompt", DpoSection())
     finally:
         model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared-prompt"])
+def test_reference_logps_handed_in_replace_the_reference_pass(tiny_setup, layout, monkeypatch):
+    """`score_batch(..., ref_logps)` gives the live reference's numbers in every layout, and runs no reference pass:
+    precomputed reference log-probs are data beside the batch, not part of its layout."""
+    model, pairs, pad_token_id = tiny_setup
+    scored, dpo = scoring_model(model), DpoSection(beta=0.3)
+    batch = collate(layout, pairs, pad_token_id)
+    with torch.no_grad():
+        live = score_batch(scored, batch, dpo)
+        ref_logps = torch.stack([live.logps.ref_chosen, live.logps.ref_rejected], dim=1)  # (P, 2)
+        monkeypatch.setattr(scoring, "reference_logps", None)  # a reference pass would fail
+        handed_in = score_batch(scored, batch, dpo, ref_logps=ref_logps)
+    torch.testing.assert_close(handed_in.losses, live.losses)
+    torch.testing.assert_close(handed_in.chosen_rewards, live.chosen_rewards)
+    torch.testing.assert_close(handed_in.rejected_rewards, live.rejected_rewards)
 
 
 # Which models can run a packed layout ------------------------------------------------------------------------------
@@ -358,8 +370,18 @@ def test_training_steps_and_eval_equal_the_padded_layout(tiny_demo, tmp_path, mo
 
         monkeypatch.setattr(module, "collate", collate_and_note)
 
-    for module in (train, evaluate) + ((reference,) if dpo.get("precompute_ref") else ()):
-        spy(module)
+    def spy_scored_batches(module):
+        """eval and the reference precompute batch through dpo.scoring.scored_batches, which collates in `layout`."""
+
+        def scored_batches_and_note(pairs, pad_token_id, chosen_layout, *args):
+            collated.setdefault(module.__name__, set()).add(chosen_layout)
+            return scored_batches(pairs, pad_token_id, chosen_layout, *args)
+
+        monkeypatch.setattr(module, "scored_batches", scored_batches_and_note)
+
+    spy(train)
+    for module in (evaluate,) + ((reference,) if dpo.get("precompute_ref") else ()):
+        spy_scored_batches(module)
     ours, our_eval, ran = _three_steps(tiny_demo, tmp_path / layout, layout, **dpo)
     assert ran == layout
     assert all(layouts == {layout} for layouts in collated.values()), collated

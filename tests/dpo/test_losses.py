@@ -165,14 +165,14 @@ def test_alpha_divergence_with_coefficient_one_is_reverse_kl_and_large_ratios_st
 
 def test_preference_loss_weighs_and_sums_losses_and_applies_pair_weights():
     """MPO-style [sigmoid, bco_pair] with weights [0.8, 0.2], β = 1: 0.8 · 0.3132617 + 0.2 · 0.9481540 = 0.4402402;
-    WPO pair weight 0.5 halves each term: 0.2201201. Reference-free turns sigmoid into SimPO (β = 2, γ = 0.5:
+    WPO pair weight 0.5 halves each term: 0.2201201. SimPO is a loss of its own, `simpo` (β = 2, γ = 0.5:
     0.9740770, see test_simpo_ignores_the_reference)."""
     x, options = pair(), LossOptions(beta=1.0)
     total = preference_loss(x, ["sigmoid", "bco_pair"], options, [0.8, 0.2])
     torch.testing.assert_close(total, torch.tensor([0.4402402]), rtol=0, atol=1e-6)
     halved = preference_loss(x, ["sigmoid", "bco_pair"], options, [0.8, 0.2], pair_weights=torch.tensor([0.5]))
     torch.testing.assert_close(halved, torch.tensor([0.2201201]), rtol=0, atol=1e-6)
-    simpo = preference_loss(x, ["sigmoid"], LossOptions(beta=2.0, gamma=0.5), reference_free=True)
+    simpo = preference_loss(x, ["simpo"], LossOptions(beta=2.0, gamma=0.5))
     torch.testing.assert_close(simpo, torch.tensor([0.9740770]), rtol=0, atol=1e-6)
     with pytest.raises(ValueError):
         preference_loss(x, ["sigmoid", "bco_pair"], options, [1.0])
@@ -223,6 +223,24 @@ def test_every_trl_loss_is_registered_under_its_name():
         "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
     }  # fmt: skip
     assert set(losses.LOSS_TYPES) == trl_names
+
+
+def test_every_loss_spec_names_a_loss_function_and_options_a_setting_has():
+    """The spec table (no torch) and the functions agree: each spec's function exists and takes (PairLogps,
+    LossOptions); each option it reads or ranges over is a LossOptions field; the f-divergences are the same names;
+    and `simpo` is its own entry, reached from the recipe's sigmoid by reference_free."""
+    import dataclasses
+
+    from dpo_cli.dpo import loss_specs
+
+    option_names = {item.name for item in dataclasses.fields(losses.LossOptions)}
+    for name, spec in loss_specs.LOSS_SPECS.items():
+        assert losses.LOSS_FUNCTIONS[name] is getattr(losses, spec.function), name
+        assert set(spec.reads) | set(spec.ranges) <= option_names, name
+    assert tuple(losses.F_DIVERGENCES) == loss_specs.F_DIVERGENCE_TYPES
+    assert losses.LOSS_FUNCTIONS["simpo"] is losses.simpo_loss and "simpo" not in losses.LOSS_TYPES
+    assert loss_specs.loss_names(["sigmoid", "sft"], reference_free=True) == ["simpo", "sft"]
+    assert loss_specs.loss_names(["sigmoid", "sft"], reference_free=False) == ["sigmoid", "sft"]
 
 
 @pytest.mark.parametrize(("logit_scale", "softcap"), [(1.0, None), (0.5, 3.0)])

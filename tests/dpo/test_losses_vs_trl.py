@@ -19,8 +19,10 @@ import torch
 from dpo_cli.config import DpoSection
 from dpo_cli.demo.tiny import build_model, build_tokenizer, make_pairs
 from dpo_cli.dpo.layouts import collate_padded
-from dpo_cli.dpo.losses import F_DIVERGENCE_LOSSES, LOSS_TYPES
+from dpo_cli.dpo.loss_specs import F_DIVERGENCE_LOSSES
+from dpo_cli.dpo.losses import LOSS_TYPES
 from dpo_cli.dpo.scoring import score_batch
+from dpo_cli.model.load import lora_config, scoring_model
 from tests.trl_oracle import make_trl_trainer, randomize_lora, trl_batch, trl_train_metrics
 
 PAIRS = 6
@@ -103,7 +105,7 @@ def relative(ours: float, theirs: float) -> float:
     return abs(ours - theirs) / max(abs(theirs), 1e-12)
 
 
-def compare(trainer, trl_inputs, batch, dpo: DpoSection) -> dict[str, float]:
+def compare(trainer, trl_inputs, batch, dpo: DpoSection, ref_logps: torch.Tensor | None = None) -> dict[str, float]:
     """{quantity: relative difference, ours vs TRL} for one batch; asserts each is within RTOL."""
     model = trainer.model
     model.zero_grad(set_to_none=True)
@@ -111,7 +113,7 @@ def compare(trainer, trl_inputs, batch, dpo: DpoSection) -> dict[str, float]:
     trl_loss.backward()
     trl_grads = lora_grads(model)
 
-    scores = score_batch(model, batch, dpo)
+    scores = score_batch(scoring_model(model), batch, dpo, ref_logps)
     scores.loss.backward()
     our_grads = lora_grads(model)
 
@@ -250,7 +252,7 @@ def test_hinge_with_wpo_weights_equals_trl_forward(oracle):
     configure(trainer, dpo)
     with torch.no_grad():
         trl_loss, trl_metrics = trl_train_metrics(trainer, trainer.model, trl_inputs)
-        scores = score_batch(trainer.model, batch, dpo)
+        scores = score_batch(scoring_model(trainer.model), batch, dpo)
     assert trl_loss.item() > 0
     assert scores.loss.item() == pytest.approx(trl_loss.item(), rel=RTOL)
     assert scores.chosen_rewards.mean().item() == pytest.approx(trl_metrics["rewards/chosen"], rel=RTOL)
@@ -265,7 +267,7 @@ def test_precompute_ref_equals_trl(fitted, tmp_path, monkeypatch, ld_alpha):
     from rich.console import Console
 
     from dpo_cli.dpo import scoring as objective
-    from dpo_cli.run.reference import precompute_reference_logps, with_reference
+    from dpo_cli.run.reference import precompute_reference_logps
 
     model, tokenizer, records = fitted_model(fitted)
     trainer = make_trl_trainer(
@@ -283,9 +285,9 @@ def test_precompute_ref_equals_trl(fitted, tmp_path, monkeypatch, ld_alpha):
         raise AssertionError("a step with precomputed reference log-probs ran the reference model")
 
     monkeypatch.setattr(objective, "reference_logps", no_reference_pass)
-    batch = collate_padded([with_reference(row, ours[i]) for i, row in enumerate(rows)], tokenizer.pad_token_id)
+    batch = collate_padded(rows, tokenizer.pad_token_id)
     configure(trainer, dpo)
-    compare(trainer, trl_batch(trainer, PAIRS), batch, dpo)
+    compare(trainer, trl_batch(trainer, PAIRS), batch, dpo, ref_logps=ours)
 
 
 def cpo_layout_pairs(cpo_inputs) -> list[dict]:
@@ -315,7 +317,6 @@ def test_reference_free_equals_trl_cpo_simpo(fitted, tmp_path, monkeypatch, cpo_
 
     from dpo_cli.config import LoraSection
     from dpo_cli.dpo import scoring as objective
-    from dpo_cli.model.load import lora_config
 
     model, tokenizer, records = fitted_model(fitted)
     args = CPOConfig(
@@ -349,7 +350,7 @@ def test_reference_free_equals_trl_cpo_simpo(fitted, tmp_path, monkeypatch, cpo_
     dpo = DpoSection(beta=2.0, gamma=0.8, reference_free=True, loss_type=loss_type, loss_weights=weights)
     batch = collate_padded(cpo_layout_pairs(cpo_inputs), tokenizer.pad_token_id)
     monkeypatch.setattr(objective, "reference_logps", None)  # reference-free: calling it would fail
-    scores = score_batch(policy, batch, dpo)
+    scores = score_batch(scoring_model(policy), batch, dpo)
     scores.loss.backward()
     our_grads = lora_grads(policy)
 

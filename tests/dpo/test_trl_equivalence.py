@@ -10,7 +10,7 @@ from dpo_cli.data.records import read_jsonl
 from dpo_cli.data.tokenize import tokenize_pairs
 from dpo_cli.dpo.layouts import collate_padded
 from dpo_cli.dpo.scoring import score_batch
-from dpo_cli.model.load import load_base_model, load_tokenizer
+from dpo_cli.model.load import load_base_model, load_tokenizer, scoring_model
 from tests.trl_oracle import load_records, make_trl_trainer, trl_batch, trl_train_metrics
 
 PAIRS = 6
@@ -29,7 +29,7 @@ def _compare(model_path, data_path, tmp_path, beta=0.1):
     batch = collate_padded(pairs, tokenizer.pad_token_id)
     trl_rows = trl_batch(trainer, PAIRS)
     assert torch.equal(batch.input_ids, trl_rows["input_ids"]), "token ids must equal TRL's after its truncation"
-    scores = score_batch(policy, batch, DpoSection(beta=beta))
+    scores = score_batch(scoring_model(policy), batch, DpoSection(beta=beta))
 
     ours = {
         "loss": scores.loss.item(),

@@ -118,7 +118,7 @@ def test_drift_is_the_mean_policy_minus_reference_log_prob(eval_run, untrained_t
     from dpo_cli.data.tokenize import tokenize_pairs
     from dpo_cli.dpo.layouts import collate_padded
     from dpo_cli.dpo.scoring import policy_logps, reference_logps
-    from dpo_cli.model.load import load_base_model, load_tokenizer
+    from dpo_cli.model.load import load_base_model, load_tokenizer, scoring_model
     from dpo_cli.run.report import read_run
 
     run = read_run(eval_run["dir"])
@@ -127,7 +127,7 @@ def test_drift_is_the_mean_policy_minus_reference_log_prob(eval_run, untrained_t
     tokenizer = load_tokenizer(str(untrained_tiny["model"]))
     pairs, _ = tokenize_pairs(tokenizer, list(read_jsonl(untrained_tiny["test"])), 1024)
     base = load_base_model(ModelSection(path=str(untrained_tiny["model"])), torch.device("cpu"))
-    model = PeftModel.from_pretrained(base, str(eval_run["dir"])).eval()
+    model = scoring_model(PeftModel.from_pretrained(base, str(eval_run["dir"])).eval())
     differences = {"chosen": [], "rejected": []}
     with torch.no_grad():
         for pair in pairs:  # one pair at a time: the plainest way to the per-completion sums

@@ -29,7 +29,7 @@ def test_stories260k_4bit_learns_the_happy_preference(stories_model, stories_dat
     from dpo_cli.data.tokenize import tokenize_pairs
     from dpo_cli.dpo.layouts import collate_padded
     from dpo_cli.dpo.scoring import policy_logps
-    from dpo_cli.model.load import load_base_model, load_tokenizer
+    from dpo_cli.model.load import load_base_model, load_tokenizer, scoring_model
 
     out = tmp_path / "run"
     base_before = load_file(str(stories_model / "model.safetensors"))
@@ -76,15 +76,15 @@ def test_stories260k_4bit_learns_the_happy_preference(stories_model, stories_dat
     base = load_base_model(ModelSection(path=str(stories_model)), torch.device("cpu"))
     reloaded = PeftModel.from_pretrained(base, str(out))
     with torch.no_grad():
-        with_adapter = policy_logps(reloaded, batch).sums
+        with_adapter = policy_logps(scoring_model(reloaded), batch).sums
         with reloaded.disable_adapter():
-            without = policy_logps(reloaded, batch).sums
+            without = policy_logps(scoring_model(reloaded), batch).sums
     assert not torch.allclose(with_adapter, without, atol=1e-3)
     # Same weights, same data: the in-memory policy of the run is what the folder holds.
     base2 = load_base_model(ModelSection(path=str(stories_model)), torch.device("cpu"))
     again = PeftModel.from_pretrained(base2, str(out))
     with torch.no_grad():
-        torch.testing.assert_close(policy_logps(again, batch).sums, with_adapter)
+        torch.testing.assert_close(policy_logps(scoring_model(again), batch).sums, with_adapter)
 
 
 def _tiny_args(tiny_demo, out, steps=6, *extra):
@@ -152,8 +152,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     original = train_module.score_batch
     calls = {"n": 0}
 
-    def poisoned(model, batch, dpo):
-        scores = original(model, batch, dpo)
+    def poisoned(model, batch, dpo, ref_logps=None):
+        scores = original(model, batch, dpo, ref_logps)
         calls["n"] += 1
         if calls["n"] > 4:  # step 3 (two micro-batches a step)
             scores.losses = scores.losses * float("nan")
