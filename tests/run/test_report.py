@@ -45,11 +45,11 @@ def _tiny_train_args(tiny, out, steps, *extra):
 @pytest.fixture(scope="module")
 def eval_run(untrained_tiny, tmp_path_factory):
     """4 steps, evaluated every 2, a checkpoint every 2, TensorBoard on; each report drawing is noted."""
-    from dpo_cli.run import loop as train_module
+    from dpo_cli.run import callbacks as callbacks_module
 
     out = tmp_path_factory.mktemp("reports") / "with-eval"
     drawn_at = []  # the last step in metrics.jsonl, and whether the final eval is there, at each drawing
-    original = train_module.write_run_report
+    original = callbacks_module.write_run_report
 
     def noting(folder):
         records = read_metrics(folder / "metrics.jsonl")
@@ -57,7 +57,7 @@ def eval_run(untrained_tiny, tmp_path_factory):
         return original(folder)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "write_run_report", noting)
+        patch.setattr(callbacks_module, "write_run_report", noting)
         _train(
             *_tiny_train_args(untrained_tiny, out, 4),
             "--eval-data", untrained_tiny["test"],

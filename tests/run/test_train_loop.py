@@ -7,7 +7,7 @@ import math
 import pytest
 
 from dpo_cli.config import recipe_from_dict
-from dpo_cli.run.loop import DataStream, lr_lambda, total_steps
+from dpo_cli.run.setup import DataStream, lr_lambda, total_steps
 from tests.conftest import run_cli_inprocess
 
 
