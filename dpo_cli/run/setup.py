@@ -283,7 +283,13 @@ def build_run(
     stream = DataStream(len(train_pairs), training.batch_size, training.seed, budget_batches)
     total = total_steps(recipe, stream)
     optimizer, scheduler, multiplier = _optimizer_and_schedule(recipe, model, total)
-    state = TrainerState(0, 0, total, fixed_settings=settings, changeable_settings=changeable_settings(recipe))
+    state = TrainerState(
+        step=0,
+        micro_batches_done=0,
+        total_steps=total,
+        fixed_settings=settings,
+        changeable_settings=changeable_settings(recipe),
+    )
     run = Run(
         recipe, output_dir, device, tokenizer, train_pairs, summary, eval_pairs, model, layout, ref_logps,
         optimizer, scheduler, stream, total, state, MetricsLog(output_dir / METRICS_FILE, trackers), checkpoint,
