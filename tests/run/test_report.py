@@ -9,7 +9,8 @@ import sys
 import pytest
 import yaml
 
-from dpo_cli.run.report import METADATA_KEY, PANELS, Run, read_metrics, summarize
+from dpo_cli.run.report import METADATA_KEY, PANELS, Run, summarize
+from dpo_cli.run.run_folder import read_metrics
 from tests.conftest import run_cli_inprocess
 
 TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "grad_norm")
@@ -119,7 +120,7 @@ def test_drift_is_the_mean_policy_minus_reference_log_prob(eval_run, untrained_t
     from dpo_cli.dpo.layouts import collate_padded
     from dpo_cli.dpo.scoring import policy_logps, reference_logps
     from dpo_cli.model.load import load_base_model, load_tokenizer
-    from dpo_cli.run.report import read_run
+    from dpo_cli.run.run_folder import read_run
 
     run = read_run(eval_run["dir"])
     drift = {m: run.points(f"eval_rewards/{m}", 1.0 / run.beta)[1][-1] for m in ("chosen", "rejected")}
@@ -323,7 +324,7 @@ def test_summary_of_a_running_run_by_hand(tmp_path):
          "eval_loss": 0.65, "eval_rewards/accuracies": 0.9},
     ]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
-    from dpo_cli.run.report import read_run
+    from dpo_cli.run.run_folder import read_run
 
     summary = summarize(read_run(tmp_path))
     assert summary.steps == 3
