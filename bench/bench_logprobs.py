@@ -188,7 +188,7 @@ def table(results: list[Measurement]) -> str:
     return benchlib.format_table(header, rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -214,8 +214,11 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="append the table to the 'Fused log-probs' section of a markdown file (default bench/RESULTS.md)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = benchlib.resolve_device(args.device)
@@ -250,21 +253,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps([asdict(m) for m in results], indent=1))
     if args.write:
-        grads = "hidden and LM-head weight" if args.weight_grad else "hidden states only (frozen LM head, as in LoRA)"
-        command = benchlib.command_line("bench/bench_logprobs.py", sys.argv[1:] if argv is None else argv)
-        block = (
-            f"### {benchlib.today()}: `{command}`\n\n"
-            f"Machine: {machine}; {benchlib.library_versions()}; 1-min load average {min(load):.1f}-{max(load):.1f}. "
-            f"Code: {version}. "
-            f"dtype {str(dtype).removeprefix('torch.')}; gradients w.r.t. {grads}; "
-            f"median of {args.repeats} forward+backward runs after {args.warmup} warmup; peak = torch allocations "
-            "above the inputs during one run. `time / full` and `peak / full` are ratios to the plain "
-            "logits + log_softmax + gather path (lower is better).\n\n"
-            f"{rendered}\n"
-        )
-        section = f"Fused log-probs ({'CUDA' if device.type == 'cuda' else 'CPU'})"
-        benchlib.write_section_block(args.write, section, block)
-        print(f"\nappended to section '{section}' of {args.write}")
+        described = f"{machine}; {benchlib.library_versions()}; 1-min load average {min(load):.1f}-{max(load):.1f}"
+        _write_block(args, argv, device, dtype, f"Machine: {described}. Code: {version}. ", rendered)
+
+
+def _write_block(args, argv, device, dtype, machine_and_code: str, rendered: str) -> None:
+    """Appends the table and how it was measured to the 'Fused log-probs' section of `--write`'s file."""
+    grads = "hidden and LM-head weight" if args.weight_grad else "hidden states only (frozen LM head, as in LoRA)"
+    command = benchlib.command_line("bench/bench_logprobs.py", sys.argv[1:] if argv is None else argv)
+    block = (
+        f"### {benchlib.today()}: `{command}`\n\n"
+        f"{machine_and_code}"
+        f"dtype {str(dtype).removeprefix('torch.')}; gradients w.r.t. {grads}; "
+        f"median of {args.repeats} forward+backward runs after {args.warmup} warmup; peak = torch allocations "
+        "above the inputs during one run. `time / full` and `peak / full` are ratios to the plain "
+        "logits + log_softmax + gather path (lower is better).\n\n"
+        f"{rendered}\n"
+    )
+    section = f"Fused log-probs ({'CUDA' if device.type == 'cuda' else 'CPU'})"
+    benchlib.write_section_block(args.write, section, block)
+    print(f"\nappended to section '{section}' of {args.write}")
 
 
 if __name__ == "__main__":

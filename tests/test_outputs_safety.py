@@ -62,13 +62,13 @@ def no_model_loads(monkeypatch):
     """Any attempt to load a tokenizer or model fails the test: refusals must come first."""
     import dpo_cli.model.merge
     import dpo_cli.run.eval_adapter
-    import dpo_cli.run.loop
+    import dpo_cli.run.setup
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the refusal")
 
     for module, name in (
-        (dpo_cli.run.loop, "load_tokenizer"),
+        (dpo_cli.run.setup, "load_tokenizer"),
         (dpo_cli.run.eval_adapter, "load_base_tokenizer"),
         (dpo_cli.model.merge, "load_base_tokenizer"),
         (dpo_cli.model.merge, "load_policy"),

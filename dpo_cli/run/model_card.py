@@ -15,7 +15,8 @@ import yaml
 from dpo_cli.config import RECIPE_FILENAME, read_recipe_file
 from dpo_cli.data.cache import file_fingerprint
 from dpo_cli.files import write_text_atomic
-from dpo_cli.run.report import METRICS_FILE, REPORT_FILE, read_metrics
+from dpo_cli.run.report import REPORT_FILE
+from dpo_cli.run.run_folder import METRICS_FILE, read_metrics
 
 CARD_FILE = "README.md"
 SUMMARY_FILE = "train_summary.txt"

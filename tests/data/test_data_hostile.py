@@ -493,12 +493,12 @@ def test_line_separators_in_skipped_records_keep_one_record_per_line(tmp_path, c
 
 
 def test_a_cache_below_a_file_is_one_line_before_the_model_loads(tmp_path, capsys, train_args, adapter, monkeypatch):
-    from dpo_cli.run import loop as train_module
+    from dpo_cli.run import setup as setup_module
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the cache was found unwritable")
 
-    monkeypatch.setattr(train_module, "load_base_model", no_model)
+    monkeypatch.setattr(setup_module, "load_base_model", no_model)
     a_file = tmp_path / "plain-file"
     a_file.write_text("")
     path = tmp_path / "data.jsonl"

@@ -124,7 +124,8 @@ def _train(model_dir, data, output_dir, monkeypatch, **dpo):
     from rich.console import Console
 
     from dpo_cli.dpo import scoring as objective
-    from dpo_cli.run.loop import Trainer
+    from dpo_cli.run.loop import train_step
+    from dpo_cli.run.setup import build_run
 
     recipe = recipe_from_dict(
         {
@@ -141,13 +142,13 @@ def _train(model_dir, data, output_dir, monkeypatch, **dpo):
             "dpo": {"beta": 0.5, **dpo},
         }
     )
-    trainer = Trainer(recipe, console=Console(quiet=True))
+    run = build_run(recipe, console=Console(quiet=True))
     passes = []
     live_reference = objective.reference_logps
     monkeypatch.setattr(objective, "reference_logps", lambda *a: passes.append(1) or live_reference(*a))
-    records = [trainer.train_step() for _ in range(3)]
+    records = [train_step(run) for _ in range(3)]
     monkeypatch.setattr(objective, "reference_logps", live_reference)
-    return records, len(passes), trainer
+    return records, len(passes), run
 
 
 def test_precompute_ref_trains_like_the_live_reference_without_its_pass(tiny_run_inputs, tmp_path, monkeypatch):
@@ -155,16 +156,16 @@ def test_precompute_ref_trains_like_the_live_reference_without_its_pass(tiny_run
     ld_alpha = 0.5
     model_dir, data = tiny_run_inputs
     live, live_passes, _ = _train(model_dir, data, tmp_path / "live", monkeypatch, ld_alpha=ld_alpha)
-    pre, pre_passes, trainer = _train(
+    pre, pre_passes, run = _train(
         model_dir, data, tmp_path / "pre", monkeypatch, ld_alpha=ld_alpha, precompute_ref=True
     )
     assert live_passes == 3 and pre_passes == 0
-    assert trainer.train_ref_logps.shape == (10, 2)
+    assert run.train_ref_logps.shape == (10, 2)
     for step_live, step_pre in zip(live, pre, strict=True):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"):
             assert step_pre[key] == pytest.approx(step_live[key], rel=1e-5, abs=1e-7), key
     assert live[-1]["loss"] < live[0]["loss"], "the run learns, so later steps test a moved policy"
-    assert torch.isfinite(trainer.train_ref_logps).all()
+    assert torch.isfinite(run.train_ref_logps).all()
 
 
 def test_the_readme_tables_every_loss_and_option():

@@ -323,7 +323,9 @@ def _three_steps(tiny_demo, output_dir, layout, checkpointing=False, **dpo):
     from rich.console import Console
 
     from dpo_cli.config import recipe_from_dict
-    from dpo_cli.run.loop import Trainer
+    from dpo_cli.run.callbacks import evaluate
+    from dpo_cli.run.loop import train_step
+    from dpo_cli.run.setup import build_run
 
     recipe = recipe_from_dict(
         {
@@ -341,9 +343,9 @@ def _three_steps(tiny_demo, output_dir, layout, checkpointing=False, **dpo):
             "dpo": {"beta": 0.5, **dpo},
         }
     )
-    trainer = Trainer(recipe, console=Console(quiet=True))
-    records = [trainer.train_step() for _ in range(3)]
-    return records, trainer.evaluate(), trainer.layout
+    run = build_run(recipe, console=Console(quiet=True))
+    records = [train_step(run) for _ in range(3)]
+    return records, evaluate(run), run.layout
 
 
 @pytest.mark.parametrize(

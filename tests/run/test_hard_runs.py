@@ -131,9 +131,9 @@ def test_a_truncated_checkpoint_file_is_one_line(run_copy, untrained_tiny, capsy
 
 
 def test_a_truncated_trainer_state_is_one_line_before_the_model_loads(run_copy, untrained_tiny, capsys, monkeypatch):
-    from dpo_cli.run import loop as train_module
+    from dpo_cli.run import setup as setup_module
 
-    monkeypatch.setattr(train_module, "load_base_model", _must_not_load)
+    monkeypatch.setattr(setup_module, "load_base_model", _must_not_load)
     file = run_copy / "checkpoints" / STEP_DIR / "trainer_state.json"
     file.write_text(file.read_text()[:40])
     code, _, stderr = run_cli_inprocess(capsys, *_resume_args(untrained_tiny, run_copy))
@@ -166,9 +166,9 @@ def _must_not_load(*args, **kwargs):
 def test_resume_refuses_a_changed_fixed_setting_before_loading_the_model(
     run_copy, untrained_tiny, capsys, monkeypatch, extra, message
 ):
-    from dpo_cli.run import loop as train_module
+    from dpo_cli.run import setup as setup_module
 
-    monkeypatch.setattr(train_module, "load_base_model", _must_not_load)
+    monkeypatch.setattr(setup_module, "load_base_model", _must_not_load)
     code, _, stderr = run_cli_inprocess(capsys, *_resume_args(untrained_tiny, run_copy), *extra)
     assert code == 2
     line = _one_error_line(stderr)
@@ -193,7 +193,7 @@ def test_resume_refuses_other_data_and_another_model(run_copy, untrained_tiny, t
 
 
 def test_resume_applies_a_new_learning_rate_and_says_so(run_copy, untrained_tiny, capsys):
-    from dpo_cli.run.loop import lr_lambda
+    from dpo_cli.run.setup import lr_lambda
 
     code, stdout, stderr = run_cli_inprocess(capsys, *_resume_args(untrained_tiny, run_copy, 4, "--lr", 1e-2))
     assert code == 0, stderr
@@ -415,25 +415,25 @@ def test_a_metrics_append_on_a_full_disk_leaves_only_whole_lines(tmp_path):
 
 
 def test_disk_full_during_training_is_one_line_and_resume_loses_nothing(untrained_tiny, tmp_path, capsys, monkeypatch):
+    from dpo_cli.run.callbacks import Callback
     from dpo_cli.run.checkpoint import read_state
-    from dpo_cli.run.loop import Trainer
+    from tests.run.extra_callbacks import add_callback
 
     straight = tmp_path / "straight"
     assert run_cli_inprocess(capsys, *_train_args(untrained_tiny, straight, 6))[0] == 0
 
     with small_tmpfs(tmp_path / "disk", "16m") as disk:
         out = disk / "run"
-        original_save = Trainer.save_checkpoint
         filled = []
 
-        def fill_after_step_2(self):
-            saved = original_save(self)
-            if self.state.step == 2:
-                filled.append(_fill(disk))
-            return saved
+        class FillAfterStep2(Callback):  # runs after the checkpointer has saved step 2
+            def on_step_end(self, run, record):
+                if run.state.step == 2:
+                    filled.append(_fill(disk))
 
-        monkeypatch.setattr(Trainer, "save_checkpoint", fill_after_step_2)
-        code, _, stderr = run_cli_inprocess(capsys, *_train_args(untrained_tiny, out, 6))
+        with pytest.MonkeyPatch.context() as patch:
+            add_callback(patch, FillAfterStep2())
+            code, _, stderr = run_cli_inprocess(capsys, *_train_args(untrained_tiny, out, 6))
         assert code == 2
         line = _one_error_line(stderr)
         assert line.startswith("error: disk full while writing") and "free space and rerun with --resume" in line
@@ -442,7 +442,6 @@ def test_disk_full_during_training_is_one_line_and_resume_loses_nothing(untraine
         assert read_state(out / "checkpoints" / STEP_DIR).step == 2
         assert not [p for p in out.rglob(".*") if p.name.endswith(".tmp")]
         assert all(r["step"] <= 4 for r in _records(out))
-        monkeypatch.setattr(Trainer, "save_checkpoint", original_save)
 
         filled[0].unlink()
         code, _, stderr = run_cli_inprocess(capsys, *_train_args(untrained_tiny, out, 6, "--resume"))
@@ -637,9 +636,9 @@ def _convert_an_interrupt(*args, **kwargs):
 def test_an_interrupt_during_startup_ends_in_130_whatever_a_library_makes_of_it(
     untrained_tiny, tmp_path, capsys, monkeypatch, library
 ):
-    from dpo_cli.run import loop as train_module
+    from dpo_cli.run import setup as setup_module
 
-    monkeypatch.setattr(train_module, "_set_seed", library)  # runs between the checks and loading the tokenizer
+    monkeypatch.setattr(setup_module, "_set_seed", library)  # runs between the checks and loading the tokenizer
     out = tmp_path / "run"
     code, stdout, stderr = run_cli_inprocess(capsys, *_train_args(untrained_tiny, out, 2))
     assert code == 130 and _one_error_line(stderr) == "error: interrupted", stderr

@@ -9,7 +9,8 @@ import sys
 import pytest
 import yaml
 
-from dpo_cli.run.report import METADATA_KEY, PANELS, Run, read_metrics, summarize
+from dpo_cli.run.report import METADATA_KEY, PANELS, Run, summarize
+from dpo_cli.run.run_folder import read_metrics
 from tests.conftest import run_cli_inprocess
 
 TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "grad_norm")
@@ -45,11 +46,11 @@ def _tiny_train_args(tiny, out, steps, *extra):
 @pytest.fixture(scope="module")
 def eval_run(untrained_tiny, tmp_path_factory):
     """4 steps, evaluated every 2, a checkpoint every 2, TensorBoard on; each report drawing is noted."""
-    from dpo_cli.run import loop as train_module
+    from dpo_cli.run import callbacks as callbacks_module
 
     out = tmp_path_factory.mktemp("reports") / "with-eval"
     drawn_at = []  # the last step in metrics.jsonl, and whether the final eval is there, at each drawing
-    original = train_module.write_run_report
+    original = callbacks_module.write_run_report
 
     def noting(folder):
         records = read_metrics(folder / "metrics.jsonl")
@@ -57,7 +58,7 @@ def eval_run(untrained_tiny, tmp_path_factory):
         return original(folder)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "write_run_report", noting)
+        patch.setattr(callbacks_module, "write_run_report", noting)
         _train(
             *_tiny_train_args(untrained_tiny, out, 4),
             "--eval-data", untrained_tiny["test"],
@@ -119,7 +120,7 @@ def test_drift_is_the_mean_policy_minus_reference_log_prob(eval_run, untrained_t
     from dpo_cli.dpo.layouts import collate_padded
     from dpo_cli.dpo.scoring import policy_logps, reference_logps
     from dpo_cli.model.load import load_base_model, load_tokenizer, scoring_model
-    from dpo_cli.run.report import read_run
+    from dpo_cli.run.run_folder import read_run
 
     run = read_run(eval_run["dir"])
     drift = {m: run.points(f"eval_rewards/{m}", 1.0 / run.beta)[1][-1] for m in ("chosen", "rejected")}
@@ -323,7 +324,7 @@ def test_summary_of_a_running_run_by_hand(tmp_path):
          "eval_loss": 0.65, "eval_rewards/accuracies": 0.9},
     ]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
-    from dpo_cli.run.report import read_run
+    from dpo_cli.run.run_folder import read_run
 
     summary = summarize(read_run(tmp_path))
     assert summary.steps == 3

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpo_cli.dpo.layouts import token_budget_batches
-from dpo_cli.run.loop import DataStream, tokens_per_pair
+from dpo_cli.run.setup import DataStream, tokens_per_pair
 from tests.conftest import run_cli_inprocess
 
 
@@ -50,24 +50,23 @@ def _budget_args(tiny_demo, out, steps=6):
 
 
 def test_budget_run_resumes_exactly(tiny_demo, tmp_path, capsys, monkeypatch):
-    from dpo_cli.run.loop import Trainer
+    from dpo_cli.run.loop import step_batches
+    from tests.run.extra_callbacks import InterruptBefore, add_callback
     from tests.run.test_train_e2e import _train_records
 
     straight = tmp_path / "straight"
     assert run_cli_inprocess(capsys, *_budget_args(tiny_demo, straight))[0] == 0
     interrupted = tmp_path / "interrupted"
-    original_step = Trainer.train_step
     seen_sizes = []
 
-    def interrupt_at_step_4(self):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        seen_sizes.extend(len(batch) for batch in self._step_batches())
-        return original_step(self)
+    class NoteSizes(InterruptBefore):
+        def on_step_begin(self, run):
+            super().on_step_begin(run)
+            seen_sizes.extend(len(batch) for batch in step_batches(run))
 
-    monkeypatch.setattr(Trainer, "train_step", interrupt_at_step_4)
-    assert run_cli_inprocess(capsys, *_budget_args(tiny_demo, interrupted))[0] == 130
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    with pytest.MonkeyPatch.context() as patch:
+        add_callback(patch, NoteSizes(step=3))
+        assert run_cli_inprocess(capsys, *_budget_args(tiny_demo, interrupted))[0] == 130
     code, _, stderr = run_cli_inprocess(capsys, *_budget_args(tiny_demo, interrupted), "--resume")
     assert code == 0, stderr
     assert len(set(seen_sizes)) > 1, "micro-batches of different pair counts, so the grouping is exercised"
@@ -83,7 +82,8 @@ def test_the_step_loss_is_the_mean_over_its_pairs_however_they_are_grouped(tiny_
     from rich.console import Console
 
     from dpo_cli.config import recipe_from_dict
-    from dpo_cli.run.loop import Trainer
+    from dpo_cli.run.loop import train_step
+    from dpo_cli.run.setup import build_run
 
     def step_with(groups, name):
         recipe = recipe_from_dict(
@@ -93,10 +93,9 @@ def test_the_step_loss_is_the_mean_over_its_pairs_however_they_are_grouped(tiny_
                 "training": {"output_dir": str(tmp_path / name), "max_steps": 1, "grad_accum": len(groups)},
             }
         )
-        trainer = Trainer(recipe, console=Console(quiet=True))
-        trainer._step_batches = lambda: groups
-        record = trainer.train_step()
-        adapter = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        run = build_run(recipe, console=Console(quiet=True))
+        record = train_step(run, groups)
+        adapter = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
         return record, adapter
 
     pairs = [0, 1, 2, 3, 4, 5, 6]

@@ -103,26 +103,19 @@ def _tiny_args(tiny_demo, out, steps=6, *extra):
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny_demo, tmp_path, capsys, monkeypatch):
-    from dpo_cli.run.loop import Trainer
+    from tests.run.extra_callbacks import InterruptBefore, add_callback
 
     straight = tmp_path / "straight"
     assert run_cli_inprocess(capsys, *_tiny_args(tiny_demo, straight))[0] == 0
 
     # Ctrl-C during step 4: the run saves a checkpoint at step 3 (its last complete step) and exits cleanly.
     interrupted = tmp_path / "interrupted"
-    original_step = Trainer.train_step
-
-    def interrupt_at_step_4(self):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupt_at_step_4)
-    code, _, stderr = run_cli_inprocess(capsys, *_tiny_args(tiny_demo, interrupted))
+    with pytest.MonkeyPatch.context() as patch:
+        add_callback(patch, InterruptBefore(step=3))
+        code, _, stderr = run_cli_inprocess(capsys, *_tiny_args(tiny_demo, interrupted))
     assert code == 130 and "interrupted at step 3" in stderr and "--resume" in stderr
     assert (interrupted / "checkpoints" / "step-000003").is_dir()
     assert not (interrupted / "adapter_model.safetensors").exists(), "no final adapter from an interrupted run"
-    monkeypatch.setattr(Trainer, "train_step", original_step)
 
     # Without --resume the folder is refused, with it the run continues from step 3.
     code, _, stderr = run_cli_inprocess(capsys, *_tiny_args(tiny_demo, interrupted))

@@ -1,0 +1,119 @@
+"""bench_train.py's figures: the median over repeated runs of each tool, the check that both did the same work,
+and the markdown table."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import benchlib
+from train_workers import Spec, WorkerResult
+
+
+@dataclass
+class Summary:
+    tool: str
+    pairs_per_second: float
+    tokens_per_second: float
+    seconds_per_step: float  # median over the timed steps
+    cpu_seconds_per_step: float  # median CPU time of the worker's threads per timed step
+    peak_step_mib: float | None
+    absolute_peak_mib: float
+    rss_growth_mib: float | None  # CPU: peak RSS minus RSS before the first step
+    first_loss: float
+    last_loss: float
+    runs: int
+
+
+def summarize(spec: Spec, results: list[WorkerResult]) -> Summary:
+    """Median over repeated runs of one tool."""
+    pairs_s, tokens_s, step_s, cpu_s = [], [], [], []
+    timed = slice(spec.warmup, spec.warmup + spec.steps)
+    for result in results:
+        ends = result.step_ends
+        window = ends[spec.warmup + spec.steps - 1] - ends[spec.warmup - 1]
+        pairs_s.append(sum(result.pairs_per_step[timed]) / window)
+        tokens_s.append(sum(result.tokens_per_step[timed]) / window)
+        step_s.append(_median_step(ends, spec))
+        cpu_s.append(_median_step(result.cpu_ends, spec))
+    peaks = [r.peak_step_mib for r in results if r.peak_step_mib is not None]
+    return Summary(
+        tool=results[0].tool,
+        pairs_per_second=statistics.median(pairs_s),
+        tokens_per_second=statistics.median(tokens_s),
+        seconds_per_step=statistics.median(step_s),
+        cpu_seconds_per_step=statistics.median(cpu_s),
+        peak_step_mib=statistics.median(peaks) if peaks else None,
+        absolute_peak_mib=statistics.median(r.absolute_peak_mib for r in results),
+        rss_growth_mib=None
+        if spec.device != "cpu"
+        else statistics.median(r.absolute_peak_mib - r.rss_before_training_mib for r in results),
+        first_loss=results[0].losses[0] if results[0].losses else float("nan"),
+        last_loss=results[0].losses[-1] if results[0].losses else float("nan"),
+        runs=len(results),
+    )
+
+
+def _median_step(ends: list[float], spec: Spec) -> float:
+    timed = ends[spec.warmup - 1 : spec.warmup + spec.steps]
+    return statistics.median(b - a for a, b in zip(timed, timed[1:], strict=False))
+
+
+def check_same_work(by_tool: dict[str, list[WorkerResult]]) -> None:
+    """Both tools must have seen the same token ids at every step, and trained the same number of parameters."""
+    reference = next(iter(by_tool.values()))[0]
+    for tool, results in by_tool.items():
+        for result in results:
+            if result.digests != reference.digests or result.tokens_per_step != reference.tokens_per_step:
+                step = next(
+                    (i for i, (a, b) in enumerate(zip(result.digests, reference.digests, strict=False)) if a != b), -1
+                )
+                raise SystemExit(f"{tool} and {reference.tool} saw different token ids (first at step {step + 1})")
+            if result.trainable_params != reference.trainable_params:
+                raise SystemExit(
+                    f"{tool} trains {result.trainable_params:,} parameters, {reference.tool} "
+                    f"{reference.trainable_params:,}: the adapters differ"
+                )
+
+
+def render(summaries: dict[str, Summary], device_type: str) -> str:
+    ours, trl = summaries.get("dpo-cli"), summaries.get("trl")
+    cpu = device_type == "cpu"
+    header = ["tool", "pairs/s", "tokens/s", "s/step", "CPU s/step"]
+    if cpu:
+        header += ["peak step MiB (torch, profiled)", "RSS growth MiB", "max RSS MiB"]
+    else:
+        header += ["peak step MiB (above start)", "max allocated MiB"]
+    header.append("loss step 1 → last")
+
+    def mib(value, digits=0):
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    rows = []
+    for s in summaries.values():
+        row = [
+            "dpo-cli" if s.tool == "dpo-cli" else "TRL 1.16 DPOTrainer",
+            f"{s.pairs_per_second:.2f}",
+            f"{s.tokens_per_second:,.0f}",
+            f"{s.seconds_per_step:.3f}",
+            f"{s.cpu_seconds_per_step:.3f}",
+            mib(s.peak_step_mib, 1),
+        ]
+        row += [mib(s.rss_growth_mib)] if cpu else []
+        rows.append([*row, mib(s.absolute_peak_mib), f"{s.first_loss:.4f} → {s.last_loss:.4f}"])
+    if ours and trl:
+
+        def ratio(a, b):
+            return "-" if a is None or b is None or not b else f"{a / b:.2f}x"
+
+        row = [
+            "**dpo-cli / TRL**",
+            ratio(ours.pairs_per_second, trl.pairs_per_second),
+            ratio(ours.tokens_per_second, trl.tokens_per_second),
+            ratio(ours.seconds_per_step, trl.seconds_per_step),
+            ratio(ours.cpu_seconds_per_step, trl.cpu_seconds_per_step),
+            ratio(ours.peak_step_mib, trl.peak_step_mib),
+        ]
+        row += [ratio(ours.rss_growth_mib, trl.rss_growth_mib)] if cpu else []
+        rows.append([*row, ratio(ours.absolute_peak_mib, trl.absolute_peak_mib), ""])
+    return benchlib.format_table(header, rows)

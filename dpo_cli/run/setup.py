@@ -1,0 +1,310 @@
+"""Everything a training run needs before its first step: `build_run(recipe) -> Run`.
+
+The order is the run's safety: the output folder is checked and (on `--resume`) the saved settings compared before
+any model is loaded, so a refused run fails in seconds; the data is tokenized before the model, for the same reason.
+`fit` (loop.py) then only steps. The data is read as one stream of micro-batches over epochs, each epoch in its own
+seeded order; optimizer step k consumes micro-batches [k*grad_accum, (k+1)*grad_accum). That single number
+(micro-batches done) is the whole data position, which is what makes `--resume` replay exactly what an uninterrupted
+run would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from dpo_cli.config import Recipe
+from dpo_cli.data.split import training_requests
+from dpo_cli.dpo.layouts import pair_tokens, token_budget_batches
+from dpo_cli.dpo.scoring import ScoringModel
+from dpo_cli.errors import UserError
+from dpo_cli.files import disk_full_as_user_error, remove_stale_temporaries
+from dpo_cli.model.attention_support import resolve_layout
+from dpo_cli.model.load import (
+    IGNORED_RECIPE_TRUST,
+    add_lora,
+    load_base_model,
+    load_tokenizer,
+    resolve_device,
+    scoring_model,
+    trainable_parameters,
+)
+from dpo_cli.output_folder import check_folder_is_ours, check_placeable, is_within
+from dpo_cli.run import interrupts
+from dpo_cli.run.checkpoint import (
+    TrainerState,
+    apply_schedule,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    remove_stale_checkpoint_temporaries,
+)
+from dpo_cli.run.data_report import load_split
+from dpo_cli.run.distributed import check_single_process, is_main_process
+from dpo_cli.run.metrics import MetricsLog
+from dpo_cli.run.reference import PAIR_KEYS, precompute_reference_logps
+from dpo_cli.run.resume_settings import (
+    TRAIN_PAIRS,
+    changeable_settings,
+    changed_settings,
+    fixed_settings,
+    refuse_changed_fixed_settings,
+)
+from dpo_cli.run.trackers import Trackers
+
+METRICS_FILE = "metrics.jsonl"
+OUR_TEMPORARIES = r"final|metrics\.jsonl|recipe\.yaml|train_summary\.txt|skipped-\w+\.jsonl"
+"""What a killed run may leave as `.NAME.{pid}.{random}.tmp` in its output folder (see files.py)."""
+RESUME_HINT = "rerun with --resume"
+
+
+@dataclass
+class DataStream:
+    """Micro-batch m of the endless stream is micro-batch (m mod per_epoch) of epoch (m div per_epoch).
+
+    Each epoch shuffles the pairs into `batch_size` slices, or, with `budget_batches` (--max-tokens-per-batch),
+    shuffles the order of those fixed micro-batches."""
+
+    num_pairs: int
+    batch_size: int
+    seed: int
+    budget_batches: list[list[int]] | None = None
+
+    @property
+    def per_epoch(self) -> int:
+        if self.budget_batches is not None:
+            return len(self.budget_batches)
+        return math.ceil(self.num_pairs / self.batch_size)
+
+    def indices(self, micro_batch: int) -> list[int]:
+        epoch, position = divmod(micro_batch, self.per_epoch)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.budget_batches is not None:
+            order = torch.randperm(self.per_epoch, generator=generator)
+            return list(self.budget_batches[int(order[position])])
+        order = torch.randperm(self.num_pairs, generator=generator)
+        return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
+
+
+@dataclass
+class Run:
+    """One training run, set up and ready to step: what `fit` and its callbacks read and advance."""
+
+    recipe: Recipe
+    output_dir: Path
+    device: torch.device
+    tokenizer: Any
+    train_pairs: Any  # the tokenized train split (a datasets.Dataset)
+    train_summary: Any  # what tokenizing kept, dropped and truncated
+    eval_pairs: Any | None
+    model: Any  # the base with its LoRA adapter, in train mode
+    scoring: ScoringModel  # what dpo/scoring calls of `model`: backbone, head, reference mode
+    layout: str
+    train_ref_logps: torch.Tensor | None  # (num_pairs, 2) with dpo.precompute_ref: the steps skip the reference
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stream: DataStream  # replaceable by anything with `per_epoch` and `indices(m)` (the bench reads in order)
+    total_steps: int
+    state: TrainerState
+    metrics_log: MetricsLog  # metrics.jsonl and the trackers; opened here because a resume truncates it
+    resumed_from: Path | None = None
+
+
+def tokens_per_pair(pairs) -> list[int]:
+    """`pair_tokens` of each pair of a tokenized split, from Arrow list lengths: no token id becomes a Python int."""
+    import pyarrow.compute as pc
+
+    counts: list[int] = []
+    for table in pairs.with_format("arrow").iter(batch_size=8192):
+        lengths = [pc.list_value_length(table.column(key)).to_numpy() for key in PAIR_KEYS]
+        counts.extend(int(n) for n in pair_tokens(*lengths))
+    return counts
+
+
+def total_steps(recipe: Recipe, stream: DataStream) -> int:
+    training = recipe.training
+    if training.max_steps:
+        return training.max_steps
+    return max(1, math.ceil(training.epochs * stream.per_epoch / training.grad_accum))
+
+
+def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_output_dir(recipe: Recipe) -> Path:
+    """The output folder, if the run may write there: named, placeable, not an input's, empty or an earlier run."""
+    if not recipe.training.output_dir.strip():  # Path("") would be ".", the current folder
+        raise UserError("no output folder: pass --output-dir DIR or set training.output_dir in the recipe")
+    output_dir = Path(recipe.training.output_dir)
+    check_placeable(output_dir, "--output-dir")
+    model = Path(recipe.model.path)
+    if recipe.model.path and model.is_dir() and (is_within(output_dir, model) or is_within(model, output_dir)):
+        raise UserError(
+            f"--output-dir {output_dir}: is or holds the base model's folder {model}; pick a folder of its own"
+        )
+    for path in (*recipe.data.train, *recipe.data.eval, recipe.data.chat_template):
+        if path and is_within(path, output_dir):
+            raise UserError(f"--output-dir {output_dir}: holds the input file {path}; pick a folder of its own")
+    check_folder_is_ours(output_dir, "train", "--output-dir", " or an earlier train run's; pick another --output-dir")
+    return output_dir
+
+
+def _checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to overwrite a finished or running earlier run."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{output_dir}: exists and is not a folder; pick another --output-dir")
+    checkpoint = latest_checkpoint(output_dir)
+    if resume:
+        return checkpoint
+    if checkpoint is not None or (output_dir / "adapter_config.json").exists() or (output_dir / METRICS_FILE).exists():
+        raise UserError(
+            f"{output_dir}: holds an earlier run; pass --resume to continue it or pick another --output-dir"
+        )
+    return None
+
+
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """What saves killed in an earlier run left (a lock on the folder must be held before this)."""
+    if is_main_process():
+        remove_stale_checkpoint_temporaries(output_dir)
+        remove_stale_temporaries(output_dir, OUR_TEMPORARIES)
+
+
+def _load_data(recipe: Recipe, tokenizer, output_dir: Path, console: Console):
+    """(train pairs, what tokenizing kept and dropped, eval pairs or None)."""
+    train_request, eval_request = training_requests(recipe.data, output_dir)
+    train_pairs, summary = load_split(tokenizer, train_request, console)
+    eval_pairs = None
+    if eval_request is not None:
+        eval_pairs, _ = load_split(tokenizer, eval_request, console)
+    return train_pairs, summary, eval_pairs
+
+
+def _optimizer_and_schedule(recipe: Recipe, model, total: int):
+    """AdamW over the adapter and its schedule, plus the multiplier function a resume re-applies."""
+    training = recipe.training
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=training.lr, weight_decay=training.weight_decay)
+    warmup = int(training.warmup_ratio * total)
+
+    def multiplier(step: int) -> float:
+        return lr_lambda(step, total, warmup, training.scheduler)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier), multiplier
+
+
+def _resume_state(run: Run, checkpoint: Path, multiplier, console: Console) -> None:
+    """Loads `checkpoint` into the run: adapter, optimizer, schedule, position; the metrics log is cut back to it."""
+    saved = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler)
+    training = run.recipe.training
+    apply_schedule(run.optimizer, run.scheduler, training.lr, training.weight_decay, multiplier)
+    run.state.step, run.state.micro_batches_done = saved.step, saved.micro_batches_done
+    run.state.num_tokens = saved.num_tokens
+    with disk_full_as_user_error(f"{run.metrics_log.path}", RESUME_HINT):
+        run.metrics_log.truncate_after(run.state.step)
+    console.print(f"resuming from {checkpoint} (step {run.state.step})")
+    changes = changed_settings(saved.changeable_settings, run.state.changeable_settings)
+    if changes:
+        console.print(f"resuming with changed settings, applied from step {saved.step + 1}: " + ", ".join(changes))
+
+
+def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console):
+    """(checkpoint to resume or None, the run's fixed settings, trackers): every refusal that needs no model."""
+    output_dir = Path(recipe.training.output_dir)
+    checkpoint = _checkpoint_to_resume(output_dir, resume)
+    trackers = Trackers(output_dir, recipe.report, recipe.to_dict())  # a missing package fails here
+    if resume and checkpoint is None:
+        console.print(f"no checkpoint in {output_dir}; starting from the beginning")
+    _remove_stale_temporaries(output_dir)
+    settings = fixed_settings(recipe)
+    if checkpoint is not None:  # before any model is loaded: a changed setting fails in seconds
+        refuse_changed_fixed_settings(checkpoint, read_state(checkpoint).fixed_settings, settings)
+    return checkpoint, settings, trackers
+
+
+def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: Console):
+    model = add_lora(
+        load_base_model(recipe.model, device, trust_remote_code), recipe.lora, recipe.model.gradient_checkpointing
+    )
+    model.train()
+    layout, fallback_note = resolve_layout(recipe.data.layout, model, recipe.data.max_length)
+    if fallback_note:
+        console.print(fallback_note)
+    return model, layout
+
+
+def build_run(
+    recipe: Recipe, *, resume: bool = False, trust_remote_code: bool = False, console: Console | None = None
+) -> Run:
+    """The run `recipe` describes, ready for `fit`: refusals first, then data, model, optimizer, schedule, resume.
+
+    The caller holds the output folder (`claimed_folder`). Remote code runs only with `trust_remote_code`, given by
+    the caller (the command line); the recipe's model.trust_remote_code never grants it. `console` shows progress.
+    """
+    check_single_process()
+    console = console or Console()
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")
+    recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted
+    output_dir = Path(recipe.training.output_dir)
+    checkpoint, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
+    _set_seed(recipe.training.seed)
+    device = resolve_device(recipe.model.device)
+    tokenizer = load_tokenizer(recipe.model.path, trust_remote_code)
+    train_pairs, summary, eval_pairs = _load_data(recipe, tokenizer, output_dir, console)
+    settings[TRAIN_PAIRS] = len(train_pairs)
+    if checkpoint is not None:  # the same files can still give other pairs (a changed tokenizer)
+        saved = read_state(checkpoint).fixed_settings
+        refuse_changed_fixed_settings(checkpoint, saved, {TRAIN_PAIRS: settings[TRAIN_PAIRS]})
+    model, layout = _model_and_layout(recipe, device, trust_remote_code, console)
+    training = recipe.training
+    ref_logps = None
+    if recipe.dpo.precompute_ref:
+        ref_logps = precompute_reference_logps(
+            model, train_pairs, tokenizer.pad_token_id, recipe.dpo, training.eval_batch_size, console, layout=layout
+        )
+    budget = training.max_tokens_per_batch
+    budget_batches = token_budget_batches(tokens_per_pair(train_pairs), budget) if budget else None
+    stream = DataStream(len(train_pairs), training.batch_size, training.seed, budget_batches)
+    total = total_steps(recipe, stream)
+    optimizer, scheduler, multiplier = _optimizer_and_schedule(recipe, model, total)
+    state = TrainerState(
+        step=0,
+        micro_batches_done=0,
+        total_steps=total,
+        fixed_settings=settings,
+        changeable_settings=changeable_settings(recipe),
+    )
+    run = Run(
+        recipe, output_dir, device, tokenizer, train_pairs, summary, eval_pairs, model, scoring_model(model), layout,
+        ref_logps,
+        optimizer, scheduler, stream, total, state, MetricsLog(output_dir / METRICS_FILE, trackers), checkpoint,
+    )  # fmt: skip
+    if checkpoint is not None:
+        _resume_state(run, checkpoint, multiplier, console)
+    elif resume:  # a run that died before its first checkpoint: its metric lines would repeat steps
+        with disk_full_as_user_error(f"{run.metrics_log.path}", RESUME_HINT):
+            run.metrics_log.truncate_after(0)
+    n_params = sum(p.numel() for p in trainable_parameters(model))
+    console.print(f"trainable LoRA parameters: {n_params:,}; {total} optimizer steps on {device}")
+    interrupts.raise_if_received()  # an interrupt a library swallowed while loading
+    return run
