@@ -42,8 +42,9 @@ class ModelSection:
     """Load the base 4-bit (bitsandbytes NF4, double quantization); false (--no-quantize): LoRA on a bf16/fp32 base."""
     compute_dtype: str = "auto"
     """auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in backward: much less memory for about a third more compute."""
+    gradient_checkpointing: bool = field(default=True, metadata={"flag": "--no-gradient-checkpointing"})
+    """Recompute activations in backward: much less memory for about a third more compute; off
+    (--no-gradient-checkpointing) when the activations fit, for speed."""
     device: str = "auto"
     """auto (cuda if present, else cpu), cpu, cuda or cuda:N."""
     trust_remote_code: bool = False

@@ -117,14 +117,15 @@ def captured_overrides(monkeypatch):
 
 def test_flags_reach_the_recipe_keys_they_declare(capsys, captured_overrides):
     code, _, stderr = run_cli_inprocess(
-        capsys, "train", "--data", "a.jsonl", "--data", "b.jsonl", "--no-quantize", "--format", "hh-rlhf",
+        capsys, "train", "--data", "a.jsonl", "--data", "b.jsonl", "--no-quantize", "--no-gradient-checkpointing",
+        "--format", "hh-rlhf",
         "--columns", "prompt=question", "--lr", "1e-4", "--report-to", "tensorboard", "--set", "lora.r=8",
         "--set", "training.lr=0.0002",
     )  # fmt: skip
     assert (code, stderr) == (2, "error: stopped by the test\n")
     assert captured_overrides == {
         "data": {"train": ["a.jsonl", "b.jsonl"], "format": "hh-rlhf", "columns": "prompt=question"},
-        "model": {"quantize": False},
+        "model": {"quantize": False, "gradient_checkpointing": False},
         "training": {"lr": 2e-4},  # --set comes after the flags
         "report": {"trackers": ["tensorboard"]},
         "lora": {"r": 8},
