@@ -1,5 +1,6 @@
 """compare_trl.py presets resolve to bench_train options that bench_train's own parser accepts."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,20 @@ def test_every_preset_dry_runs_and_parses(preset):
 def test_extra_options_override_the_preset():
     args = bench_train.parse_args(compare_trl.resolve("cpu", ["--batch-size", "2"]))
     assert args.batch_size == 2
+
+
+def test_tiny_end_to_end_prints_one_table_with_ratios(tmp_path):
+    """dpo-cli and TRL both run on the demo tiny model; their first-step losses must print identically."""
+    argv = ["--preset", "cpu", "--model", "tiny", "--data", "tiny", "--max-length", "64", "--batch-size", "2"]
+    argv += ["--steps", "2", "--warmup", "1", "--repeats", "1", "--workdir", str(tmp_path)]
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "compare_trl.py"), *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    ).stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in out.splitlines() if "|" in line}
+    assert "dpo-cli / TRL" in " ".join(rows)
+    assert rows["dpo-cli"].split(" ")[0] == rows["TRL 1.16 DPOTrainer"].split(" ")[0]
