@@ -104,17 +104,6 @@ OTHER_BROKEN = {
 EXPECTED = {name: expected for name, (_, expected) in BROKEN_TEXT.items()} | OTHER_BROKEN
 
 
-@pytest.fixture
-def train_args(untrained_tiny, tmp_path):
-    """`dpo-cli train` on the untrained tiny model: bad data must stop it before any model is loaded."""
-
-    def args(data, *extra):
-        model = untrained_tiny["model"]
-        return ["train", "--model", model, "--data", data, "--output-dir", tmp_path / "run", "--max-steps", 1, *extra]
-
-    return args
-
-
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_each_broken_file_stops_train_with_its_one_line(name, tmp_path, capsys, train_args):
     path = _write_broken(tmp_path, name)

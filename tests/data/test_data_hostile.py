@@ -94,15 +94,6 @@ def _hostile(tmp_path: Path, name: str) -> Path:
     return path
 
 
-@pytest.fixture
-def train_args(untrained_tiny, tmp_path):
-    def args(data, *extra):
-        model = untrained_tiny["model"]
-        return ["train", "--model", model, "--data", data, "--output-dir", tmp_path / "run", "--max-steps", 1, *extra]
-
-    return args
-
-
 @pytest.fixture(scope="module")
 def adapter(untrained_tiny, tmp_path_factory) -> Path:
     """An adapter trained one step on the untrained tiny model: enough for `eval` to get to its data."""
