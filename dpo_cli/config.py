@@ -28,6 +28,8 @@ from dpo_cli.errors import UserError
 from dpo_cli.files import read_user_text, write_text_atomic
 
 RECIPE_FILENAME = "recipe.yaml"
+PRECOMPUTE_REF_CHOICES = ("auto", "true", "false")
+"""dpo.precompute_ref: precompute (and cache) the reference when it pays, always, or never."""
 ON_INVALID_CHOICES = ("error", "skip")
 """data.on_invalid: stop at the first bad record, or set bad records aside and count them."""
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -200,13 +202,19 @@ class DpoSection:
     """SimPO: no reference model at all; length-normalised policy log-probs with a target margin `gamma`."""
     gamma: float = 0.5
     """SimPO's target reward margin (only with reference_free)."""
-    precompute_ref: bool = False
-    """Score the reference once over the training data before the first step, so each step runs only the policy."""
+    precompute_ref: str | bool = "auto"
+    """auto, true or false. true: score the reference once over the training data before the first step and keep
+    the values in the reference cache beside the prepared data, so each step (and every later run, resume or eval on
+    the same inputs) runs only the policy; false: score it live in each step; auto: true when the run visits every
+    training pair at least once or the cache already holds them, else false."""
 
     def __post_init__(self):
         _check_finite_floats("dpo", self)
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
+        if isinstance(self.precompute_ref, bool):  # recipes from before `auto` said true or false
+            self.precompute_ref = str(self.precompute_ref).lower()
+        _check_choice("dpo.precompute_ref", self.precompute_ref, PRECOMPUTE_REF_CHOICES)
         # The rules of each loss live with the losses, in dpo/loss_specs.py (no torch).
         defaults = {item.name: item.default for item in dataclasses.fields(self)}
         problem = dpo_settings_problem(self, defaults)

@@ -8,6 +8,7 @@ command renders the report (`dpo_cli.run.data_report`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,9 @@ class SplitReport:
     from_cache: bool = False
     seconds: float = 0.0
     """Preparing (or opening) the split took this long."""
+    pairs_key: str = ""
+    """Names exactly these pairs' token ids: the prepared folder's key and the rows kept from it (what the reference
+    log-prob cache is keyed by)."""
 
     def require_pairs(self) -> None:
         """A split with no pair left stops the command, after its report has been shown."""
@@ -98,4 +102,12 @@ def _report(
         formats=sorted({report.format for report in prepared.read.files}),
         from_cache=prepared.from_cache,
         seconds=prepared.seconds,
+        pairs_key=pairs_key(prepared.key, keep),
     )
+
+
+def pairs_key(prepared_key: str, rows: np.ndarray) -> str:
+    """A hash of the prepared folder's key and the rows a split keeps of it (on_invalid, the eval_split part)."""
+    digest = hashlib.blake2b(prepared_key.encode(), digest_size=16)
+    digest.update(np.asarray(rows, dtype=np.int64).tobytes())
+    return digest.hexdigest()

@@ -49,6 +49,8 @@ class PreparedSplit:
     read: ReadResult
     from_cache: bool
     seconds: float
+    key: str = ""
+    """The prepared folder's name: a hash of the files' bytes, how they are read, the tokenizer and max_length."""
 
     def problem_rows(self) -> list[int]:
         import numpy as np
@@ -117,7 +119,7 @@ def prepare_split(
         write_meta(folder, read, tokenized_files)
 
     (texts, tokenized, read), from_cache = open_or_build(target, build, say)
-    return PreparedSplit(texts, tokenized, read, from_cache, time.perf_counter() - started)
+    return PreparedSplit(texts, tokenized, read, from_cache, time.perf_counter() - started, target.name)
 
 
 def write_texts(folder: Path, paths: list[str], options: ReadOptions, tokenizer=None) -> tuple[ReadResult, int]:

@@ -119,6 +119,9 @@ F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 F_DIVERGENCE_LOSSES = tuple(name for name in RECIPE_LOSS_TYPES if LOSS_SPECS[name].f_divergence)
 LABEL_SMOOTHING_LOSSES = tuple(name for name in RECIPE_LOSS_TYPES if "label_smoothing" in LOSS_SPECS[name].reads)
 
+UNSET_VALUES = {"precompute_ref": ("auto", "false")}
+"""Values that ask for nothing, besides the default: with no reference, `auto` and `false` both precompute none."""
+
 # What to say when an option is set away from its default but no loss in use reads it.
 UNREAD_OPTION = {
     "label_smoothing": "recipe key dpo.label_smoothing: {value} has no effect on {loss_type}; only {readers} read it",
@@ -179,7 +182,7 @@ def _reference_free_problem(settings, defaults) -> str | None:
         )
     for option, why in LOSS_SPECS["simpo"].conflicts.items():
         value = getattr(settings, option)
-        if value != defaults[option]:
+        if value != defaults[option] and value not in UNSET_VALUES.get(option, ()):
             return f"recipe key dpo.reference_free: cannot be combined with dpo.{option}={value}: {why}"
     return None
 

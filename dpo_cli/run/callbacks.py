@@ -73,6 +73,7 @@ def evaluate(run: Run) -> dict[str, float]:
         run.recipe.dpo,
         run.recipe.training.eval_batch_size,
         layout=run.layout,
+        ref_logps=run.eval_ref_logps,
     )
     return {f"eval_{key}": value for key, value in metrics.items()}
 

@@ -28,6 +28,7 @@ from dpo_cli.output_folder import check_placeable, is_replaceable_output, is_wit
 from dpo_cli.run.data_report import load_split
 from dpo_cli.run.evaluate import evaluate_pairs
 from dpo_cli.run.generate import distinct_prompts, sample_side_by_side
+from dpo_cli.run.reference import SplitPairs, reference_logps
 
 
 @dataclasses.dataclass
@@ -195,10 +196,14 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
     if fallback_note:
         console.print(fallback_note)
 
+    # Read from the reference cache when a run (or an earlier eval) scored these pairs against this base, else
+    # scored once here and cached, which costs what the live pass would: either way each batch runs only the policy.
+    split = SplitPairs("eval", pairs, summary.pairs_key, tokenizer.pad_token_id, layout, batch_size)
+    ref_logps = reference_logps(recipe, model, split, True, console)
     per_pair: list[dict] | None = [] if options.per_example is not None else None
     with _advancing("eval", len(pairs), console) as advance:
         metrics = evaluate_pairs(
-            model, pairs, tokenizer.pad_token_id, recipe.dpo, batch_size, advance, per_pair, layout=layout
+            model, pairs, tokenizer.pad_token_id, recipe.dpo, batch_size, advance, per_pair, layout, ref_logps
         )
     result = {
         "adapter": str(adapter.path),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+
 from dpo_cli.config import DpoSection
 from dpo_cli.dpo.scoring import score_batch, scored_batches
 from dpo_cli.model.load import scoring_model
@@ -23,16 +25,23 @@ def evaluate_pairs(
     on_batch: Callable[[int], None] | None = None,
     per_pair: list[dict] | None = None,
     layout: str = "padded",
+    ref_logps: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Metrics over `pairs`; with `per_pair` a list, one row per pair (rewards, margin, ranked right) is appended."""
+    """Metrics over `pairs`; with `per_pair` a list, one row per pair (rewards, margin, ranked right) is appended.
+    `ref_logps` (num_pairs, 2), the pairs' reference log-probs (run/reference.py), replaces the reference pass."""
     device = next(model.parameters()).device
     scoring = scoring_model(model)
     was_training = model.training
     model.eval()
     metrics = PairMetrics()
 
+    scored_pairs = 0  # scored_batches takes consecutive pairs: the next batch's reference rows start here
+
     def score(batch):
-        return score_batch(scoring, batch, dpo)
+        nonlocal scored_pairs
+        rows = None if ref_logps is None else ref_logps[scored_pairs : scored_pairs + batch.num_pairs]
+        scored_pairs += batch.num_pairs
+        return score_batch(scoring, batch, dpo, rows)
 
     try:
         for start, stop, scores in scored_batches(pairs, pad_token_id, layout, batch_size, device, score):

@@ -39,9 +39,10 @@ CHANGEABLE = {
         "eval_steps",
         "eval_batch_size",
     ),
+    "dpo": ("precompute_ref",),
 }
-"""Settings a resumed run applies as stated: the learning-rate schedule (recomputed for the step reached) and
-when to stop, save and evaluate."""
+"""Settings a resumed run applies as stated: the learning-rate schedule (recomputed for the step reached), when to
+stop, save and evaluate, and whether the reference is precomputed (the same values, to float rounding)."""
 TRAIN_PAIRS = "train pairs"
 
 

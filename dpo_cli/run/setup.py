@@ -48,7 +48,7 @@ from dpo_cli.run.checkpoint import (
 from dpo_cli.run.data_report import load_split
 from dpo_cli.run.distributed import check_single_process, is_main_process
 from dpo_cli.run.metrics import MetricsLog
-from dpo_cli.run.reference import PAIR_KEYS, precompute_reference_logps
+from dpo_cli.run.reference import PAIR_KEYS, training_reference_logps
 from dpo_cli.run.resume_settings import (
     TRAIN_PAIRS,
     changeable_settings,
@@ -106,7 +106,7 @@ class Run:
     model: Any  # the base with its LoRA adapter, in train mode
     scoring: ScoringModel  # what dpo/scoring calls of `model`: backbone, head, reference mode
     layout: str
-    train_ref_logps: torch.Tensor | None  # (num_pairs, 2) with dpo.precompute_ref: the steps skip the reference
+    train_ref_logps: torch.Tensor | None  # (num_pairs, 2) read or precomputed (reference.py): steps skip the reference
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     stream: DataStream  # replaceable by anything with `per_epoch` and `indices(m)` (the bench reads in order)
@@ -114,6 +114,7 @@ class Run:
     state: TrainerState
     metrics_log: MetricsLog  # metrics.jsonl and the trackers; opened here because a resume truncates it
     resumed_from: Path | None = None
+    eval_ref_logps: torch.Tensor | None = None  # (num_eval_pairs, 2), as train_ref_logps, for the eval steps
 
 
 def tokens_per_pair(pairs) -> list[int]:
@@ -191,13 +192,13 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
 
 
 def _load_data(recipe: Recipe, tokenizer, output_dir: Path, console: Console):
-    """(train pairs, what tokenizing kept and dropped, eval pairs or None)."""
+    """(train pairs, what tokenizing kept and dropped, eval pairs or None, their report or None)."""
     train_request, eval_request = training_requests(recipe.data, output_dir)
     train_pairs, summary = load_split(tokenizer, train_request, console)
-    eval_pairs = None
+    eval_pairs = eval_summary = None
     if eval_request is not None:
-        eval_pairs, _ = load_split(tokenizer, eval_request, console)
-    return train_pairs, summary, eval_pairs
+        eval_pairs, eval_summary = load_split(tokenizer, eval_request, console)
+    return train_pairs, summary, eval_pairs, eval_summary
 
 
 def _optimizer_and_schedule(recipe: Recipe, model, total: int):
@@ -270,22 +271,22 @@ def build_run(
     _set_seed(recipe.training.seed)
     device = resolve_device(recipe.model.device)
     tokenizer = load_tokenizer(recipe.model.path, trust_remote_code)
-    train_pairs, summary, eval_pairs = _load_data(recipe, tokenizer, output_dir, console)
+    train_pairs, summary, eval_pairs, eval_summary = _load_data(recipe, tokenizer, output_dir, console)
     settings[TRAIN_PAIRS] = len(train_pairs)
     if checkpoint is not None:  # the same files can still give other pairs (a changed tokenizer)
         saved = read_state(checkpoint).fixed_settings
         refuse_changed_fixed_settings(checkpoint, saved, {TRAIN_PAIRS: settings[TRAIN_PAIRS]})
     model, layout = _model_and_layout(recipe, device, trust_remote_code, console)
     training = recipe.training
-    ref_logps = None
-    if recipe.dpo.precompute_ref:
-        ref_logps = precompute_reference_logps(
-            model, train_pairs, tokenizer.pad_token_id, recipe.dpo, training.eval_batch_size, console, layout=layout
-        )
     budget = training.max_tokens_per_batch
     budget_batches = token_budget_batches(tokens_per_pair(train_pairs), budget) if budget else None
     stream = DataStream(len(train_pairs), training.batch_size, training.seed, budget_batches)
     total = total_steps(recipe, stream)
+    evaluation = None if eval_pairs is None else (eval_pairs, eval_summary)
+    visits_every_pair = total * training.grad_accum >= stream.per_epoch
+    ref_logps, eval_ref_logps = training_reference_logps(
+        recipe, model, layout, tokenizer.pad_token_id, (train_pairs, summary), evaluation, visits_every_pair, console
+    )
     optimizer, scheduler, multiplier = _optimizer_and_schedule(recipe, model, total)
     state = TrainerState(
         step=0,
@@ -298,6 +299,7 @@ def build_run(
         recipe, output_dir, device, tokenizer, train_pairs, summary, eval_pairs, model, scoring_model(model), layout,
         ref_logps,
         optimizer, scheduler, stream, total, state, MetricsLog(output_dir / METRICS_FILE, trackers), checkpoint,
+        eval_ref_logps,
     )  # fmt: skip
     if checkpoint is not None:
         _resume_state(run, checkpoint, multiplier, console)

@@ -36,7 +36,7 @@ def test_a_full_recipe_section_parses_with_yaml_types():
             }
         }
     ).dpo
-    assert dpo.loss_weights == [0.8, 0.2, 1.0] and dpo.ld_alpha == 0.5 and dpo.precompute_ref
+    assert dpo.loss_weights == [0.8, 0.2, 1.0] and dpo.ld_alpha == 0.5 and dpo.precompute_ref == "true"
     simpo = recipe_from_dict({"dpo": {"reference_free": True, "beta": 2.0, "gamma": 1.0}}).dpo
     assert simpo.reference_free and simpo.gamma == 1.0
     smoothed = DpoSection(loss_type=["aot_unpaired"], label_smoothing=0.3, f_divergence_type="reverse_kl")
@@ -75,7 +75,7 @@ def test_a_full_recipe_section_parses_with_yaml_types():
             r"dpo\.reference_free: runs SimPO.*\['ipo'\] needs a reference",
         ),
         ({"reference_free": True, "loss_type": ["sft"]}, r"dpo\.reference_free: runs SimPO"),
-        ({"reference_free": True, "precompute_ref": True}, r"dpo\.reference_free: .*precompute_ref=True"),
+        ({"reference_free": True, "precompute_ref": True}, r"dpo\.reference_free: .*precompute_ref=true"),
         ({"reference_free": True, "ld_alpha": 0.5}, r"dpo\.reference_free: .*ld_alpha=0\.5"),
         ({"reference_free": True, "use_weighting": True}, r"dpo\.reference_free: .*use_weighting=True"),
         # SimPO is its own loss: it reads no label_smoothing, which sigmoid (its recipe name) does.
@@ -155,7 +155,9 @@ def test_precompute_ref_trains_like_the_live_reference_without_its_pass(tiny_run
     """With LD-DPO on, so the stored values must be the LD-weighted ones the live pass would give."""
     ld_alpha = 0.5
     model_dir, data = tiny_run_inputs
-    live, live_passes, _ = _train(model_dir, data, tmp_path / "live", monkeypatch, ld_alpha=ld_alpha)
+    live, live_passes, _ = _train(
+        model_dir, data, tmp_path / "live", monkeypatch, ld_alpha=ld_alpha, precompute_ref="false"
+    )
     pre, pre_passes, run = _train(
         model_dir, data, tmp_path / "pre", monkeypatch, ld_alpha=ld_alpha, precompute_ref=True
     )

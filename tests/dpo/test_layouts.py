@@ -330,7 +330,12 @@ def _three_steps(tiny_demo, output_dir, layout, checkpointing=False, **dpo):
     recipe = recipe_from_dict(
         {
             "model": {"path": str(tiny_demo["model"]), "gradient_checkpointing": checkpointing},
-            "data": {"train": [str(tiny_demo["train"])], "eval": [str(tiny_demo["test"])], "layout": layout},
+            "data": {
+                "train": [str(tiny_demo["train"])],
+                "eval": [str(tiny_demo["test"])],
+                "layout": layout,
+                "cache_dir": f"{output_dir}-cache",  # each run scores its own reference, in its own layout
+            },
             "training": {
                 "output_dir": str(output_dir),
                 "max_steps": 3,
