@@ -210,6 +210,16 @@ def test_resume_applies_a_new_learning_rate_and_says_so(run_copy, untrained_tiny
     assert groups[0]["lr"] == pytest.approx(1e-2 * lr_lambda(4, 4, 0, "cosine"), abs=1e-15)
 
 
+def test_resume_takes_a_changed_precompute_ref_and_says_so(run_copy, untrained_tiny, capsys):
+    """precompute_ref changes when the reference is scored, not its values (to rounding): a resume may change it."""
+    args = _resume_args(untrained_tiny, run_copy, 3, "--set", "dpo.precompute_ref=true")
+    code, stdout, stderr = run_cli_inprocess(capsys, *args)
+    assert code == 0, stderr
+    said = " ".join(stdout.split())
+    assert "dpo.precompute_ref 'auto' -> 'true'" in said and "reference log-probs: computed 40 pairs" in said, said
+    assert [r["step"] for r in _records(run_copy) if "loss" in r] == [1, 2, 3]
+
+
 # Divergence ---------------------------------------------------------------------------------------------------------
 
 
