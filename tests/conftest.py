@@ -49,6 +49,19 @@ def untrained_tiny(tmp_path_factory) -> dict[str, Path]:
     return build_demo(tmp_path_factory.mktemp("untrained-tiny"), pretrain_steps=0, train_pairs=40, test_pairs=10)
 
 
+def write_tiny_model_and_pairs(root: Path, pairs: int = 10) -> tuple[Path, Path]:
+    """(a tiny Llama folder with its tokenizer, a file of `pairs` preference pairs) written under `root`."""
+    from dpo_cli.demo.tiny import build_model, build_tokenizer, make_pairs, write_jsonl
+
+    tokenizer = build_tokenizer(
+        [p["prompt"] + c for p in make_pairs(100, seed=1) for c in (p["chosen"], p["rejected"])]
+    )
+    model = build_model(len(tokenizer), seed=0)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model", write_jsonl(root / "train.jsonl", make_pairs(pairs, seed=5))
+
+
 @pytest.fixture(scope="session")
 def stories_model() -> Path:
     return require_shared(STORIES_MODEL)

@@ -237,6 +237,14 @@ def read_reference(cache: ReferenceCache) -> tuple[torch.Tensor | None, str | No
         return None, f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
 
 
+def read_and_say(cache: ReferenceCache, say: Callable[[str], None]) -> tuple[torch.Tensor | None, str | None]:
+    """`read_reference`, saying where the values were read from when they were."""
+    values, damage = read_reference(cache)
+    if values is not None:
+        say(f"read from cache {cache.folder}")
+    return values, damage
+
+
 def write_reference(folder: Path, values: torch.Tensor, cache: ReferenceCache, seconds: float) -> None:
     """The tensor, then meta.json last: its presence means the entry is complete."""
     from safetensors.torch import save
@@ -262,9 +270,8 @@ def build_reference(
             where = f"{error.strerror or error}: {cache.folder.parent}"
             say(f"the cache cannot be written ({where}); keeping them in memory")
             return _computed(compute, say, None)
-        values, damage = read_reference(cache)
+        values, damage = read_and_say(cache, say)  # another run may have stored it while this one waited
         if values is not None:
-            say(f"read from cache {cache.folder}")
             return values
         if damage is not None:
             say(f"the cached entry {cache.folder} is damaged ({damage}); computing it again")
@@ -333,9 +340,8 @@ def reference_logps(
             return None
         say(f"not cached: {cache}")
         return _computed(compute, say, None)
-    values, damage = read_reference(cache)
+    values, damage = read_and_say(cache, say)
     if values is not None:
-        say(f"read from cache {cache.folder}")
         return values
     if wanted is None and damage is None:
         say("scored live in each step (the run visits fewer pairs than there are; dpo.precompute_ref=true caches them)")

@@ -106,17 +106,9 @@ def test_a_set_override_is_checked_with_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run_inputs(tmp_path_factory):
     """A tiny model folder and 10 preference pairs, written once."""
-    from dpo_cli.demo.tiny import build_model, build_tokenizer, make_pairs, write_jsonl
+    from tests.conftest import write_tiny_model_and_pairs
 
-    root = tmp_path_factory.mktemp("precompute")
-    pairs = make_pairs(10, seed=5)
-    tokenizer = build_tokenizer(
-        [p["prompt"] + c for p in make_pairs(100, seed=1) for c in (p["chosen"], p["rejected"])]
-    )
-    model = build_model(len(tokenizer), seed=0)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model", write_jsonl(root / "train.jsonl", pairs)
+    return write_tiny_model_and_pairs(tmp_path_factory.mktemp("precompute"))
 
 
 def _train(model_dir, data, output_dir, monkeypatch, **dpo):

@@ -21,17 +21,10 @@ LINE = "reference log-probs: "
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A tiny Llama folder and 10 preference pairs (its 4-bit load and a run's setup take about a second)."""
-    from dpo_cli.demo.tiny import build_model, build_tokenizer, make_pairs, write_jsonl
+    from tests.conftest import write_tiny_model_and_pairs
 
-    root = tmp_path_factory.mktemp("reference-cache")
-    pairs = make_pairs(10, seed=5)
-    tokenizer = build_tokenizer(
-        [p["prompt"] + c for p in make_pairs(100, seed=1) for c in (p["chosen"], p["rejected"])]
-    )
-    model = build_model(len(tokenizer), seed=0)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return {"model": root / "model", "data": write_jsonl(root / "train.jsonl", pairs), "root": root}
+    model, data = write_tiny_model_and_pairs(tmp_path_factory.mktemp("reference-cache"))
+    return {"model": model, "data": data}
 
 
 def _recipe(inputs, output_dir, cache, data_file=None, model_dir=None, **sections):
