@@ -65,7 +65,9 @@ def dpo_cli_recipe(spec: Spec):
             save_steps=0,
             seed=spec.seed,
         ),
-        dpo=DpoSection(beta=spec.beta),
+        # TRL's DPOTrainer scores the reference live (precompute_ref_log_probs=False): so does this run, whatever
+        # `auto` would pick, so each timed step does the same work in both tools.
+        dpo=DpoSection(beta=spec.beta, precompute_ref="false"),
     )
 
 
