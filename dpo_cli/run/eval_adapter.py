@@ -28,7 +28,7 @@ from dpo_cli.output_folder import check_placeable, is_replaceable_output, is_wit
 from dpo_cli.run.data_report import load_split
 from dpo_cli.run.evaluate import evaluate_pairs
 from dpo_cli.run.generate import distinct_prompts, sample_side_by_side
-from dpo_cli.run.reference import SplitPairs, reference_logps
+from dpo_cli.run.reference import SplitPairs, split_reference_logps
 
 
 @dataclasses.dataclass
@@ -199,7 +199,7 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
     # Read from the reference cache when a run (or an earlier eval) scored these pairs against this base, else
     # scored once here and cached, which costs what the live pass would: either way each batch runs only the policy.
     split = SplitPairs("eval", pairs, summary.pairs_key, tokenizer.pad_token_id, layout, batch_size)
-    ref_logps = reference_logps(recipe, model, split, True, console)
+    ref_logps = split_reference_logps(recipe, model, split, True, console)
     per_pair: list[dict] | None = [] if options.per_example is not None else None
     with _advancing("eval", len(pairs), console) as advance:
         metrics = evaluate_pairs(

@@ -25,8 +25,9 @@ run with the same inputs waits, then reads it). An entry that is there but damag
 another shape, a non-finite value) is never trusted: it is computed again, with a line saying so. A cache that
 cannot be written is one line, and the values are kept in memory for this run only.
 
-`reference_logps` is the one call a run makes per split; it is two steps, `read_reference` and `build_reference`, so
-that under several processes rank 0 can build the entry while the others wait at a barrier and then read it.
+`split_reference_logps` is the one call a run makes per split. It is two steps, `read_reference` and
+`build_reference`, so that under several processes rank 0 can build the entry while the others wait at a barrier and
+then read it.
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ class SplitPairs:
     batch_size: int
 
 
-def reference_logps(
+def split_reference_logps(
     recipe: Recipe, model, split: SplitPairs, visits_every_pair: bool, console: Console
 ) -> torch.Tensor | None:
     """(num_pairs, 2) reference log-probs of `split` (read from the cache, or computed and cached), or None when the
@@ -353,14 +354,14 @@ def training_reference_logps(
     recipe: Recipe, model, layout: str, pad_token_id: int, train, evaluation, visits_every_pair: bool, console: Console
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The reference log-probs of a training run's train and eval splits (each `(pairs, SplitReport)`, eval may be
-    None), or None for a split whose reference is scored live. Eval always scores every eval pair at least once (at
-    the end), so its reference is worth precomputing whenever the train split's could be."""
+    None), or None for a split whose reference is scored live. Eval scores every eval pair at least once (at the
+    end), so under `auto` its reference is always precomputed: one pass that the first evaluation would make anyway."""
     batch_size = recipe.training.eval_batch_size
     pairs, report = train
     train_split = SplitPairs("train", pairs, report.pairs_key, pad_token_id, layout, batch_size)
-    train_logps = reference_logps(recipe, model, train_split, visits_every_pair, console)
+    train_logps = split_reference_logps(recipe, model, train_split, visits_every_pair, console)
     if evaluation is None:
         return train_logps, None
     pairs, report = evaluation
     eval_split = SplitPairs("eval", pairs, report.pairs_key, pad_token_id, layout, batch_size)
-    return train_logps, reference_logps(recipe, model, eval_split, True, console)
+    return train_logps, split_reference_logps(recipe, model, eval_split, True, console)

@@ -322,6 +322,20 @@ def test_precompute_ref_takes_the_old_booleans_and_refuses_other_values():
         recipe_from_dict({"dpo": {**simpo, "precompute_ref": "true"}})
 
 
+def test_a_resumed_run_reads_the_entry_its_first_part_cached(inputs, tmp_path, monkeypatch):
+    from dpo_cli.run.loop import train
+
+    cache = tmp_path / "cache"
+    first = train(_recipe(inputs, tmp_path / "run", cache, training={"max_steps": 2}), console=Console(quiet=True))
+    assert first.steps == 2 and len(_entries(cache)) == 1
+    out = io.StringIO()
+    with monkeypatch.context() as patch:
+        _forbid_the_reference_model(patch)
+        resumed = train(_recipe(inputs, tmp_path / "run", cache), resume=True, console=Console(file=out, width=400))
+    assert resumed.steps == 3 and "resuming from" in out.getvalue()
+    assert f"{LINE}read from cache" in out.getvalue()
+
+
 # Evaluation reads it -------------------------------------------------------------------------------------------------
 
 
