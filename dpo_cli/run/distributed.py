@@ -16,6 +16,7 @@ one line (`PeerFailed`); the launcher then ends the job with the failed rank's o
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -74,7 +75,10 @@ def device_for(requested: torch.device) -> torch.device:
 
 
 def start(device: torch.device) -> None:
-    """Join the job's process group (nccl on CUDA, gloo on CPU); nothing for a single process or if joined already."""
+    """Join the job's process group (nccl on CUDA, gloo on CPU); nothing for a single process or if joined already.
+
+    The process keeps the group until it exits: joining a second time in one process (a test running two commands)
+    waits forever in the launcher's rendezvous, so a command never leaves it early."""
     if not is_distributed() or _initialized():
         return
     if device.type == "cuda":
@@ -83,6 +87,7 @@ def start(device: torch.device) -> None:
     options = {"device_id": device} if device.type == "cuda" else {}
     try:
         torch.distributed.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **options)
+        atexit.register(stop)
     except (ValueError, torch.distributed.DistError) as error:
         raise UserError(
             f"cannot join the torch.distributed job (WORLD_SIZE={world_size()}, RANK={rank()}): {error}; "
@@ -91,7 +96,7 @@ def start(device: torch.device) -> None:
 
 
 def stop() -> None:
-    """Leave the process group (at the end of a command)."""
+    """Leave the process group (when the process exits)."""
     if _initialized():
         torch.distributed.destroy_process_group()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -24,7 +25,7 @@ from dpo_cli.output_folder import claimed_folder
 from dpo_cli.run import distributed, interrupts
 from dpo_cli.run.callbacks import Callback, TrainResult, default_callbacks
 from dpo_cli.run.metrics import PairMetrics, is_finite
-from dpo_cli.run.setup import Run, build_run, check_output_dir
+from dpo_cli.run.setup import Run, build_run, check_output_dir, run_device
 
 
 class TrainingDiverged(UserError):
@@ -188,19 +189,19 @@ def train(
     """
     main = distributed.is_main_process()
     console = (console or Console()) if main else Console(quiet=True)  # one process speaks; each prints its error
-    output_dir = check_output_dir(recipe)
-    # Under torchrun the main process holds the folder for the job; the others write nothing there.
+    distributed.start(run_device(recipe))  # first: a refusal below then ends a process its peers see fail at once
+    # Under torchrun the main process checks and holds the folder for the job; the others write nothing there, and
+    # wait until it holds it (so none of them sees the folder half-claimed).
+    output_dir = check_output_dir(recipe) if main else Path(recipe.training.output_dir)
     claim = claimed_folder(output_dir, "train", "--output-dir") if main else contextlib.nullcontext()
-    try:
-        with claim:
-            run = build_run(recipe, resume=resume, trust_remote_code=trust_remote_code, console=console)
-            try:
-                if main:
-                    run.output_dir.mkdir(parents=True, exist_ok=True)
-                    with disk_full_as_user_error(str(run.output_dir / RECIPE_FILENAME), "rerun"):
-                        recipe.save(run.output_dir / RECIPE_FILENAME)
-                return fit(run, default_callbacks(run, console))
-            finally:
-                run.metrics_log.close()  # finishes the trackers' runs, after Ctrl-C or divergence too
-    finally:
-        distributed.stop()
+    with claim:
+        distributed.barrier()
+        run = build_run(recipe, resume=resume, trust_remote_code=trust_remote_code, console=console)
+        try:
+            if main:
+                run.output_dir.mkdir(parents=True, exist_ok=True)
+                with disk_full_as_user_error(str(run.output_dir / RECIPE_FILENAME), "rerun"):
+                    recipe.save(run.output_dir / RECIPE_FILENAME)
+            return fit(run, default_callbacks(run, console))
+        finally:
+            run.metrics_log.close()  # finishes the trackers' runs, after Ctrl-C or divergence too

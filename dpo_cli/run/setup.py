@@ -260,6 +260,11 @@ def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: 
     return model, layout
 
 
+def run_device(recipe: Recipe) -> torch.device:
+    """The device this process trains on: the recipe's, or under torchrun on CUDA this process's own GPU."""
+    return distributed.device_for(resolve_device(recipe.model.device))
+
+
 def build_run(
     recipe: Recipe, *, resume: bool = False, trust_remote_code: bool = False, console: Console | None = None
 ) -> Run:
@@ -269,7 +274,7 @@ def build_run(
     the caller (the command line); the recipe's model.trust_remote_code never grants it. `console` shows progress.
     """
     console = console or Console()
-    device = distributed.device_for(resolve_device(recipe.model.device))
+    device = run_device(recipe)
     distributed.start(device)  # first: every later refusal then ends a rank its peers see fail at once
     if recipe.model.trust_remote_code and not trust_remote_code:
         console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")

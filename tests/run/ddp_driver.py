@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from dpo_cli.errors import UserError
@@ -51,6 +52,7 @@ class Watch(Callback):
         self.pairs = loop.step_batches(run)
         fail = self.fail
         if fail and fail["rank"] == distributed.rank() and fail["step"] == run.state.step + 1:
+            self._write({"step": run.state.step + 1, "failing": fail["kind"], "time": time.time()})
             if fail["kind"] == "user_error":
                 raise UserError(BAD_RECORD)
             original = loop.score_batch
