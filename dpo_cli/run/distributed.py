@@ -95,9 +95,20 @@ def start(device: torch.device) -> None:
         ) from None
 
 
+_ended_together = False
+
+
+def ended_together() -> None:
+    """Every rank finished the run (past its last barrier): the group can be left cleanly at exit."""
+    global _ended_together
+    _ended_together = True
+
+
 def stop() -> None:
-    """Leave the process group (when the process exits)."""
-    if _initialized():
+    """Leave the process group when the process exits, if the run ended on every rank. After a failure or an
+    interrupt a peer may be gone or inside a collective, and tearing the group down (NCCL's) could wait for it;
+    the process's exit frees it anyway."""
+    if _initialized() and _ended_together:
         torch.distributed.destroy_process_group()
 
 

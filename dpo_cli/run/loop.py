@@ -164,6 +164,7 @@ def fit(run: Run, callbacks: list[Callback]) -> TrainResult:
     for callback in callbacks:
         callback.on_end(run, result)
     distributed.barrier()  # the other processes end once the main one has written the final outputs
+    distributed.ended_together()
     result.steps = run.state.step
     return result
 

@@ -95,15 +95,24 @@ def _stream_pairs(out: Path, steps: int, micro_batches_per_step: int) -> list[li
     return [stream.indices(m) for m in range(steps * micro_batches_per_step)]
 
 
+def _budget_options(stories_data, grad_accum: int) -> list[str]:
+    """Token-budget batches, reference log-probs computed before training, and evaluation at step 2 and the end."""
+    options = ["--max-tokens-per-batch", 400, "--grad-accum", grad_accum, "--eval-data", stories_data["test"]]
+    options += ["--set", "dpo.precompute_ref=true", "--set", "training.eval_steps=2"]
+    return [str(option) for option in options]
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(stories_model, stories_data, tmp_path_factory):
-    """One torchrun launch, three train commands: `ddp` (3 steps, batch 2 x grad_accum 2 x 2 processes), the same
-    with the policy pass bypassing the DDP wrapper, and `resumed` (a 1-process run of 2 steps, resumed on 2 processes
-    to step 4); beside them `single`, the 1-process run with the same global batch (grad_accum 4)."""
+    """One torchrun launch, four train commands: `ddp` (3 steps, batch 2 x grad_accum 2 x 2 processes), the same
+    with the policy pass bypassing the DDP wrapper, `resumed` (a 1-process run of 2 steps, resumed on 2 processes
+    to step 4) and `budget` (token-budget batches, precomputed reference, evaluation); beside them `single` and
+    `budget-single`, the 1-process runs with the same global batches."""
     tmp = tmp_path_factory.mktemp("ddp")
     data, model = stories_data["train"], stories_model
     single_out = _single_process(*_train_args(model, data, tmp / "single", 3, "--grad-accum", 4))
     _single_process(*_train_args(model, data, tmp / "resumed", 2, "--grad-accum", 2))
+    _single_process(*_train_args(model, data, tmp / "budget-single", 2, *_budget_options(stories_data, 2)))
     jobs = [
         {"args": _train_args(model, data, tmp / "ddp", 3, "--grad-accum", 2), "log": str(tmp / "ddp.log")},
         {
@@ -114,6 +123,10 @@ def two_process_runs(stories_model, stories_data, tmp_path_factory):
         {
             "args": _train_args(model, data, tmp / "resumed", 4, "--grad-accum", 2, "--resume"),
             "log": str(tmp / "resumed.log"),
+        },
+        {
+            "args": _train_args(model, data, tmp / "budget", 2, *_budget_options(stories_data, 1)),
+            "log": str(tmp / "budget.log"),
         },
     ]
     code, output = _finish(_torchrun(tmp, jobs), timeout=300)
@@ -137,6 +150,20 @@ def test_two_processes_train_exactly_as_one_with_the_same_global_batch(two_proce
     assert adapter.keys() == expected.keys()
     for key, value in adapter.items():
         torch.testing.assert_close(value, expected[key], atol=TOLERANCE, rtol=0)
+
+
+def test_token_budget_batches_precomputed_reference_and_evaluation_match_one_process(two_process_runs):
+    tmp = two_process_runs["tmp"]
+    ddp, single = _records(tmp / "budget"), _records(tmp / "budget-single")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == [1, 2, 2], "steps 1 and 2, then the final eval"
+    for record, expected in zip(ddp, single, strict=True):
+        assert record.keys() == expected.keys()
+        for key in ("loss", "grad_norm", "eval_loss", "eval_rewards/accuracies", "eval_num_pairs"):
+            if key in expected:
+                assert record[key] == pytest.approx(expected[key], abs=TOLERANCE), key
+    assert ddp[-1]["eval_num_pairs"] == 117, "every eval pair counted once"
+    ranks = [_log(tmp / "budget.log", rank) for rank in range(PROCESSES)]
+    assert [e["adapter"] for e in ranks[0]] == [e["adapter"] for e in ranks[1]]
 
 
 def test_both_ranks_hold_the_same_adapter_after_every_step_and_share_each_step(two_process_runs):
@@ -262,3 +289,49 @@ def test_sigterm_on_the_launcher_leaves_a_checkpoint_of_the_last_step(stories_mo
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
     assert state["step"] >= 2 and state["micro_batches_done"] == 2 * state["step"], "the last complete step"
     assert [r["step"] for r in _records(out)] == list(range(1, state["step"] + 1))
+
+
+# Without torchrun: the helpers each rank runs, with the launcher's variables set by hand -------------------------
+
+
+def test_a_single_process_starts_no_process_group_and_changes_nothing(monkeypatch):
+    from dpo_cli.run import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    distributed.start(torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+    assert distributed.sum_over_ranks([1.5, float("nan")])[0] == 1.5
+    assert distributed.average_metrics({"loss": 3.0}, 4) == {"loss": 0.75}
+    assert distributed.my_micro_batches(10, 3) == [10, 11, 12]
+    with distributed.main_process_first():
+        pass
+    distributed.barrier()
+
+
+def test_each_rank_takes_every_world_size_th_micro_batch_of_a_step(monkeypatch):
+    from dpo_cli.run import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    shares = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        shares.append(distributed.my_micro_batches(12, 2))
+    assert shares == [[12, 15], [13, 16], [14, 17]]
+    assert sorted(sum(shares, [])) == list(range(12, 18)), "the step's 6 micro-batches, each taken once"
+
+
+def test_epochs_give_the_steps_of_this_world_size_from_where_a_resumed_run_stands(monkeypatch):
+    from dpo_cli.config import Recipe
+    from dpo_cli.run.checkpoint import TrainerState
+    from dpo_cli.run.setup import DataStream, global_batch, total_steps
+
+    recipe = Recipe()
+    recipe.training.batch_size, recipe.training.grad_accum, recipe.training.epochs = 4, 2, 1
+    stream = DataStream(num_pairs=100, batch_size=4, seed=0)  # 25 micro-batches an epoch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert total_steps(recipe, stream) == 7  # ceil(25 / (2 * 2))
+    assert "4 pairs x grad_accum 2 x 2 processes = 16 pairs per optimizer step" in global_batch(recipe)
+    # 3 steps on one process read 6 micro-batches; the 19 left take ceil(19 / 4) = 5 steps on two.
+    assert total_steps(recipe, stream, TrainerState(step=3, micro_batches_done=6, total_steps=13)) == 8
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert total_steps(recipe, stream) == 13
