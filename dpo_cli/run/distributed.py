@@ -27,8 +27,10 @@ import torch
 from dpo_cli.errors import UserError
 from dpo_cli.run import interrupts
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
-"""How long a rank waits in a collective for a peer that is alive but silent (a dead peer fails at once)."""
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+"""How long a rank waits in a collective for a peer that is alive but busy: long enough for rank 0 to prepare a large
+data set while the others wait at a barrier. A dead peer does not take this long: its connection closes (gloo raises
+at once) and the launcher stops the job when it sees the exit."""
 
 
 class PeerFailed(UserError):
@@ -77,8 +79,8 @@ def device_for(requested: torch.device) -> torch.device:
 def start(device: torch.device) -> None:
     """Join the job's process group (nccl on CUDA, gloo on CPU); nothing for a single process or if joined already.
 
-    The process keeps the group until it exits: joining a second time in one process (a test running two commands)
-    waits forever in the launcher's rendezvous, so a command never leaves it early."""
+    The process keeps the group until it exits: joining again after leaving, in one process (a test running two
+    commands), hung in torchrun's rendezvous when tried, so a command never leaves the group early."""
     if not is_distributed() or _initialized():
         return
     if device.type == "cuda":
