@@ -186,6 +186,16 @@ def average_metrics(sums: dict[str, float], count: int) -> dict[str, float]:
     return {key: value / max(total_count, 1) for key, value in zip(keys, totals, strict=True)}
 
 
+def my_share(pairs):
+    """This rank's pairs of a data set every rank scores (evaluation): every world_size-th one from its rank. The
+    metrics, summed over ranks, then count each pair once."""
+    if not is_distributed():
+        return pairs
+    if hasattr(pairs, "select"):  # a datasets.Dataset: a view, no copy
+        return pairs.select(range(rank(), len(pairs), world_size()))
+    return pairs[rank() :: world_size()]
+
+
 def my_micro_batches(first: int, per_rank: int) -> list[int]:
     """The stream positions of this rank's `per_rank` micro-batches of a step that starts at position `first`.
 

@@ -165,7 +165,7 @@ def test_token_budget_batches_precomputed_reference_and_evaluation_match_one_pro
         for key in ("loss", "grad_norm", "eval_loss", "eval_rewards/accuracies", "eval_num_pairs"):
             if key in expected:
                 assert record[key] == pytest.approx(expected[key], abs=TOLERANCE), key
-    assert ddp[-1]["eval_num_pairs"] == 117, "every eval pair counted once"
+    assert ddp[-1]["eval_num_pairs"] == 117, "every eval pair counted once (each rank scores every second one)"
     ranks = [_log(tmp / "budget.log", rank) for rank in range(PROCESSES)]
     assert [e["adapter"] for e in ranks[0]] == [e["adapter"] for e in ranks[1]]
 
