@@ -37,6 +37,10 @@ class ScoringModel:
     """What scoring needs of a causal LM: the backbone (input_ids, attention_mask, position_ids, use_cache ->
     `.last_hidden_state` (R, T, H)), the LM head (its weight (V, H) and bias), the logit transform the model's own
     forward applies, its attention backend, and a context in which it runs as the reference (adapters off, no grad).
+
+    `policy`, when set, replaces the policy pass: (batch, with_sum_sq) -> CompletionLogps. Data-parallel training
+    sets it to a DistributedDataParallel module computing exactly `policy_logps`, since DDP averages gradients only
+    for a forward that runs through it (run/distributed.py).
     """
 
     backbone: Callable[..., Any]
@@ -46,6 +50,7 @@ class ScoringModel:
     attention_backend: str = "eager"
     mask_dtype: torch.dtype = torch.float32
     reference_mode: Callable[[], AbstractContextManager] | None = None
+    policy: Callable[[PreferenceBatch, bool], CompletionLogps] | None = None
 
 
 class DpoSettings(Protocol):
@@ -78,6 +83,14 @@ class BatchScores:
 
 
 def policy_logps(model: ScoringModel, batch: PreferenceBatch, with_sum_sq: bool = False) -> CompletionLogps:
+    """The policy's log-probs of `batch`, through `model.policy` when set (the data-parallel wrapper)."""
+    if model.policy is not None:
+        return model.policy(batch, with_sum_sq)
+    return direct_logps(model, batch, with_sum_sq)
+
+
+def direct_logps(model: ScoringModel, batch: PreferenceBatch, with_sum_sq: bool = False) -> CompletionLogps:
+    """Log-probs of `batch` from the backbone and the LM head called directly (fused and chunked)."""
     return completion_logps(
         model.backbone,
         model.lm_head,
@@ -93,8 +106,8 @@ def policy_logps(model: ScoringModel, batch: PreferenceBatch, with_sum_sq: bool 
 def reference_logps(model: ScoringModel, batch: PreferenceBatch) -> CompletionLogps:
     if model.reference_mode is None:
         raise ValueError("this ScoringModel has no reference mode; build it with model.load.scoring_model")
-    with model.reference_mode():
-        return policy_logps(model, batch)
+    with model.reference_mode():  # never through `model.policy`: no gradient, nothing for DDP to reduce
+        return direct_logps(model, batch)
 
 
 def sequence_logps(logps: CompletionLogps, ld_alpha: float | None) -> torch.Tensor:

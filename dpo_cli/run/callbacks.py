@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dpo_cli.files import disk_full_as_user_error, move_files_into, write_text_atomic
 from dpo_cli.output_folder import honour_umask
+from dpo_cli.run import distributed
 from dpo_cli.run.checkpoint import save_checkpoint
 from dpo_cli.run.distributed import is_main_process
 from dpo_cli.run.evaluate import evaluate_pairs
@@ -65,15 +66,16 @@ class Callback:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """The DPO metrics of the current adapter on the run's eval pairs, named `eval_*`."""
+    """The DPO metrics of the current adapter on the run's eval pairs, named `eval_*` (under torchrun each process
+    scores its share, and the metrics are of all of them)."""
     metrics = evaluate_pairs(
         run.model,
-        run.eval_pairs,
+        distributed.my_share(run.eval_pairs),
         run.tokenizer.pad_token_id,
         run.recipe.dpo,
         run.recipe.training.eval_batch_size,
         layout=run.layout,
-        ref_logps=run.eval_ref_logps,
+        ref_logps=None if run.eval_ref_logps is None else distributed.my_share(run.eval_ref_logps),
     )
     return {f"eval_{key}": value for key, value in metrics.items()}
 

@@ -13,6 +13,7 @@ import torch
 from dpo_cli.config import DpoSection
 from dpo_cli.dpo.scoring import score_batch, scored_batches
 from dpo_cli.model.load import scoring_model
+from dpo_cli.run.distributed import sum_over_ranks
 from dpo_cli.run.metrics import PairMetrics
 
 
@@ -58,7 +59,8 @@ def evaluate_pairs(
                 on_batch(stop - start)
     finally:
         model.train(was_training)
-    return {**metrics.means(), "num_pairs": metrics.count}
+    (num_pairs,) = sum_over_ranks([metrics.count])  # means() are over every rank's pairs too
+    return {**metrics.means(), "num_pairs": int(num_pairs)}
 
 
 def _append_rows(rows: list[dict], start: int, scores) -> None:

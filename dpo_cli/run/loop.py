@@ -8,7 +8,9 @@ callback stops the run by raising: `UserError` for something a person must fix, 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -20,10 +22,10 @@ from dpo_cli.errors import UserError
 from dpo_cli.files import disk_full_as_user_error
 from dpo_cli.model.load import trainable_parameters
 from dpo_cli.output_folder import claimed_folder
-from dpo_cli.run import interrupts
+from dpo_cli.run import distributed, interrupts
 from dpo_cli.run.callbacks import Callback, TrainResult, default_callbacks
 from dpo_cli.run.metrics import PairMetrics, is_finite
-from dpo_cli.run.setup import Run, build_run, check_output_dir
+from dpo_cli.run.setup import Run, build_run, check_output_dir, run_device
 
 
 class TrainingDiverged(UserError):
@@ -42,9 +44,17 @@ def _divergence_hint(recipe: Recipe) -> str:
 
 
 def step_batches(run: Run) -> list[list[int]]:
-    """The pair indices of each micro-batch of the run's next optimizer step."""
-    first = run.state.micro_batches_done
-    return [run.stream.indices(m) for m in range(first, first + run.recipe.training.grad_accum)]
+    """The pair indices of each of this process's micro-batches of the run's next optimizer step."""
+    positions = distributed.my_micro_batches(run.state.micro_batches_done, run.recipe.training.grad_accum)
+    return [run.stream.indices(m) for m in positions]
+
+
+def _pairs_in_step(run: Run, batches: list[list[int]]) -> int:
+    """The pairs of the whole step, every process's: each pair weighs the same in the averaged gradient."""
+    if not distributed.is_distributed():
+        return sum(len(b) for b in batches)
+    first, step_size = run.state.micro_batches_done, run.recipe.training.grad_accum * distributed.world_size()
+    return sum(len(run.stream.indices(m)) for m in range(first, first + step_size))
 
 
 def _ref_logps(run: Run, indices: list[int]) -> torch.Tensor | None:
@@ -52,19 +62,32 @@ def _ref_logps(run: Run, indices: list[int]) -> torch.Tensor | None:
     return None if run.train_ref_logps is None else run.train_ref_logps[indices]
 
 
+def _gradient_sync(run: Run, last: bool):
+    """DDP all-reduces the gradients once per step, in the backward of this process's last micro-batch."""
+    if run.data_parallel is None or last:
+        return contextlib.nullcontext()
+    return run.data_parallel.no_sync()
+
+
 def _backward_micro_batches(run: Run, batches: list[list[int]]) -> tuple[PairMetrics, int]:
     """Accumulates the gradient of the step's mean loss over its pairs; (their metrics, their real tokens)."""
-    pairs_in_step = sum(len(b) for b in batches)
+    pairs_in_step = _pairs_in_step(run, batches)
+    processes = distributed.world_size()
     metrics, tokens = PairMetrics(), 0
-    for indices in batches:
+    for number, indices in enumerate(batches, start=1):
         pairs = [run.train_pairs[i] for i in indices]
         batch = collate(run.layout, pairs, run.tokenizer.pad_token_id).to(run.device)
-        scores = score_batch(run.scoring, batch, run.recipe.dpo, _ref_logps(run, indices))
-        loss_sum = float(scores.losses.detach().sum())
-        if not is_finite(loss_sum):
-            raise TrainingDiverged(f"step {run.state.step + 1}: the loss is {loss_sum}; {_divergence_hint(run.recipe)}")
-        # Each pair weighs the same in the step's gradient, however the pairs are split into micro-batches.
-        (scores.losses.sum() / pairs_in_step).backward()
+        with _gradient_sync(run, last=number == len(batches)):
+            scores = score_batch(run.scoring, batch, run.recipe.dpo, _ref_logps(run, indices))
+            # Summed over processes, so a NaN on one of them stops them all at this micro-batch.
+            (loss_sum,) = distributed.sum_over_ranks([float(scores.losses.detach().sum())])
+            if not is_finite(loss_sum):
+                raise TrainingDiverged(
+                    f"step {run.state.step + 1}: the loss is {loss_sum}; {_divergence_hint(run.recipe)}"
+                )
+            # Each pair weighs the same in the step's gradient, however the pairs are split into micro-batches and
+            # processes; DDP averages over the processes, hence the factor.
+            (scores.losses.sum() * processes / pairs_in_step).backward()
         metrics.add(
             scores.losses, scores.chosen_rewards, scores.rejected_rewards, scores.logps.chosen, scores.logps.rejected
         )
@@ -101,8 +124,10 @@ def train_step(run: Run, batches: list[list[int]] | None = None) -> dict:
     metrics, tokens = _backward_micro_batches(run, batches)
     learning_rate = run.scheduler.get_last_lr()[0]
     grad_norm = _update(run)
+    (tokens,) = distributed.sum_over_ranks([tokens])
+    tokens = int(tokens)
     run.state.step += 1
-    run.state.micro_batches_done += len(batches)
+    run.state.micro_batches_done += len(batches) * distributed.world_size()
     run.state.num_tokens += tokens
     elapsed = time.perf_counter() - started
     return {
@@ -122,7 +147,8 @@ def fit(run: Run, callbacks: list[Callback]) -> TrainResult:
     try:
         for callback in callbacks:
             callback.on_loop_start(run)
-        _steps(run, callbacks, result)
+        with distributed.peer_failures_as_user_error():  # DDP's all-reduce runs inside backward
+            _steps(run, callbacks, result)
         for callback in callbacks:
             callback.on_loop_end(run, result)
     except KeyboardInterrupt:
@@ -137,6 +163,8 @@ def fit(run: Run, callbacks: list[Callback]) -> TrainResult:
             callback.close(run)
     for callback in callbacks:
         callback.on_end(run, result)
+    distributed.barrier()  # the other processes end once the main one has written the final outputs
+    distributed.ended_together()
     result.steps = run.state.step
     return result
 
@@ -160,14 +188,21 @@ def train(
     Remote code runs only with `trust_remote_code`, given by the caller (the command line); the recipe's
     model.trust_remote_code never grants it.
     """
-    console = console or Console()
-    output_dir = check_output_dir(recipe)
-    with claimed_folder(output_dir, "train", "--output-dir"):
+    main = distributed.is_main_process()
+    console = (console or Console()) if main else Console(quiet=True)  # one process speaks; each prints its error
+    distributed.start(run_device(recipe))  # first: a refusal below then ends a process its peers see fail at once
+    # Under torchrun the main process checks and holds the folder for the job; the others write nothing there, and
+    # wait until it holds it (so none of them sees the folder half-claimed).
+    output_dir = check_output_dir(recipe) if main else Path(recipe.training.output_dir)
+    claim = claimed_folder(output_dir, "train", "--output-dir") if main else contextlib.nullcontext()
+    with claim:
+        distributed.barrier()
         run = build_run(recipe, resume=resume, trust_remote_code=trust_remote_code, console=console)
         try:
-            run.output_dir.mkdir(parents=True, exist_ok=True)
-            with disk_full_as_user_error(str(run.output_dir / RECIPE_FILENAME), "rerun"):
-                recipe.save(run.output_dir / RECIPE_FILENAME)
+            if main:
+                run.output_dir.mkdir(parents=True, exist_ok=True)
+                with disk_full_as_user_error(str(run.output_dir / RECIPE_FILENAME), "rerun"):
+                    recipe.save(run.output_dir / RECIPE_FILENAME)
             return fit(run, default_callbacks(run, console))
         finally:
             run.metrics_log.close()  # finishes the trackers' runs, after Ctrl-C or divergence too

@@ -44,6 +44,10 @@ CHANGEABLE = {
 """Settings a resumed run applies as stated: the learning-rate schedule (recomputed for the step reached), when to
 stop, save and evaluate, and whether the reference is precomputed (the same values, to float rounding)."""
 TRAIN_PAIRS = "train pairs"
+WORLD_SIZE = "world size"
+"""Changeable too: the processes a run trains with (torchrun). The data position counts micro-batches of one
+process's size, so a resumed run with another number of processes reads on from the same pair; its global batch
+(batch x grad_accum x processes) is the new one, printed at start."""
 
 
 def _file_contents(paths: list[str]) -> list[list[str | None]]:

@@ -3,16 +3,18 @@
 The order is the run's safety: the output folder is checked and (on `--resume`) the saved settings compared before
 any model is loaded, so a refused run fails in seconds; the data is tokenized before the model, for the same reason.
 `fit` (loop.py) then only steps. The data is read as one stream of micro-batches over epochs, each epoch in its own
-seeded order; optimizer step k consumes micro-batches [k*grad_accum, (k+1)*grad_accum). That single number
-(micro-batches done) is the whole data position, which is what makes `--resume` replay exactly what an uninterrupted
-run would have done.
+seeded order; an optimizer step consumes the next grad_accum * world_size micro-batches (each of torchrun's processes
+takes every world_size-th one, run/distributed.py). That single number (micro-batches done) is the whole data
+position, the same for any number of processes, which is what makes `--resume` replay exactly what an uninterrupted
+run would have done, and lets a resumed run use another number of processes.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from rich.console import Console
 from dpo_cli.config import Recipe
 from dpo_cli.data.split import training_requests
 from dpo_cli.dpo.layouts import pair_tokens, token_budget_batches
-from dpo_cli.dpo.scoring import ScoringModel
+from dpo_cli.dpo.scoring import ScoringModel, direct_logps
 from dpo_cli.errors import UserError
 from dpo_cli.files import disk_full_as_user_error, remove_stale_temporaries
 from dpo_cli.model.attention_support import resolve_layout
@@ -36,7 +38,7 @@ from dpo_cli.model.load import (
     trainable_parameters,
 )
 from dpo_cli.output_folder import check_folder_is_ours, check_placeable, is_within
-from dpo_cli.run import interrupts
+from dpo_cli.run import distributed, interrupts
 from dpo_cli.run.checkpoint import (
     TrainerState,
     apply_schedule,
@@ -46,11 +48,12 @@ from dpo_cli.run.checkpoint import (
     remove_stale_checkpoint_temporaries,
 )
 from dpo_cli.run.data_report import load_split
-from dpo_cli.run.distributed import check_single_process, is_main_process
+from dpo_cli.run.distributed import is_main_process
 from dpo_cli.run.metrics import MetricsLog
 from dpo_cli.run.reference import PAIR_KEYS, training_reference_logps
 from dpo_cli.run.resume_settings import (
     TRAIN_PAIRS,
+    WORLD_SIZE,
     changeable_settings,
     changed_settings,
     fixed_settings,
@@ -115,6 +118,7 @@ class Run:
     metrics_log: MetricsLog  # metrics.jsonl and the trackers; opened here because a resume truncates it
     resumed_from: Path | None = None
     eval_ref_logps: torch.Tensor | None = None  # (num_eval_pairs, 2), as train_ref_logps, for the eval steps
+    data_parallel: Any | None = None  # under torchrun: the DDP module `scoring.policy` runs (for its no_sync)
 
 
 def tokens_per_pair(pairs) -> list[int]:
@@ -128,11 +132,15 @@ def tokens_per_pair(pairs) -> list[int]:
     return counts
 
 
-def total_steps(recipe: Recipe, stream: DataStream) -> int:
+def total_steps(recipe: Recipe, stream: DataStream, resumed: TrainerState | None = None) -> int:
+    """max_steps, or the steps to read `epochs` epochs: those a resumed run did, then steps of this run's size."""
     training = recipe.training
     if training.max_steps:
         return training.max_steps
-    return max(1, math.ceil(training.epochs * stream.per_epoch / training.grad_accum))
+    per_step = training.grad_accum * distributed.world_size()
+    done_steps, done_micro_batches = (resumed.step, resumed.micro_batches_done) if resumed else (0, 0)
+    left = training.epochs * stream.per_epoch - done_micro_batches
+    return max(1, done_steps + math.ceil(left / per_step))
 
 
 def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
@@ -253,6 +261,11 @@ def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: 
     return model, layout
 
 
+def run_device(recipe: Recipe) -> torch.device:
+    """The device this process trains on: the recipe's, or under torchrun on CUDA this process's own GPU."""
+    return distributed.device_for(resolve_device(recipe.model.device))
+
+
 def build_run(
     recipe: Recipe, *, resume: bool = False, trust_remote_code: bool = False, console: Console | None = None
 ) -> Run:
@@ -261,17 +274,18 @@ def build_run(
     The caller holds the output folder (`claimed_folder`). Remote code runs only with `trust_remote_code`, given by
     the caller (the command line); the recipe's model.trust_remote_code never grants it. `console` shows progress.
     """
-    check_single_process()
     console = console or Console()
+    device = run_device(recipe)
+    distributed.start(device)  # first: every later refusal then ends a rank its peers see fail at once
     if recipe.model.trust_remote_code and not trust_remote_code:
         console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")
     recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted
     output_dir = Path(recipe.training.output_dir)
     checkpoint, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
     _set_seed(recipe.training.seed)
-    device = resolve_device(recipe.model.device)
     tokenizer = load_tokenizer(recipe.model.path, trust_remote_code)
-    train_pairs, summary, eval_pairs, eval_summary = _load_data(recipe, tokenizer, output_dir, console)
+    with distributed.main_process_first():  # rank 0 prepares the data cache, the others then read it
+        train_pairs, summary, eval_pairs, eval_summary = _load_data(recipe, tokenizer, output_dir, console)
     settings[TRAIN_PAIRS] = len(train_pairs)
     if checkpoint is not None:  # the same files can still give other pairs (a changed tokenizer)
         saved = read_state(checkpoint).fixed_settings
@@ -281,19 +295,22 @@ def build_run(
     budget = training.max_tokens_per_batch
     budget_batches = token_budget_batches(tokens_per_pair(train_pairs), budget) if budget else None
     stream = DataStream(len(train_pairs), training.batch_size, training.seed, budget_batches)
-    total = total_steps(recipe, stream)
+    total = total_steps(recipe, stream, read_state(checkpoint) if checkpoint is not None else None)
     evaluation = None if eval_pairs is None else (eval_pairs, eval_summary)
-    visits_every_pair = total * training.grad_accum >= stream.per_epoch
-    ref_logps, eval_ref_logps = training_reference_logps(
-        recipe, model, layout, tokenizer.pad_token_id, (train_pairs, summary), evaluation, visits_every_pair, console
-    )
+    visits_every_pair = total * training.grad_accum * distributed.world_size() >= stream.per_epoch
+    # Rank 0 reads or builds the cache entries; the others then find them built and read them (or, when it keeps the
+    # values in memory only, as with an unwritable cache, compute their own, which equal rank 0's).
+    with distributed.main_process_first():
+        ref_logps, eval_ref_logps = training_reference_logps(
+            recipe, model, layout, tokenizer.pad_token_id, (train_pairs, summary), evaluation, visits_every_pair, console
+        )
     optimizer, scheduler, multiplier = _optimizer_and_schedule(recipe, model, total)
     state = TrainerState(
         step=0,
         micro_batches_done=0,
         total_steps=total,
         fixed_settings=settings,
-        changeable_settings=changeable_settings(recipe),
+        changeable_settings={**changeable_settings(recipe), WORLD_SIZE: distributed.world_size()},
     )
     run = Run(
         recipe, output_dir, device, tokenizer, train_pairs, summary, eval_pairs, model, scoring_model(model), layout,
@@ -306,7 +323,27 @@ def build_run(
     elif resume:  # a run that died before its first checkpoint: its metric lines would repeat steps
         with disk_full_as_user_error(f"{run.metrics_log.path}", RESUME_HINT):
             run.metrics_log.truncate_after(0)
+    if distributed.is_distributed():
+        run.data_parallel = distributed.wrap_policy(model, partial(direct_logps, run.scoring), device)
+        run.scoring = replace(run.scoring, policy=run.data_parallel)
     n_params = sum(p.numel() for p in trainable_parameters(model))
     console.print(f"trainable LoRA parameters: {n_params:,}; {total} optimizer steps on {device}")
+    console.print(global_batch(recipe))
     interrupts.raise_if_received()  # an interrupt a library swallowed while loading
     return run
+
+
+def global_batch(recipe: Recipe) -> str:
+    """What one optimizer step averages over: batch (or token budget) x grad_accum x processes."""
+    training, processes = recipe.training, distributed.world_size()
+    micro_batches = training.grad_accum * processes
+    per_micro = (
+        f"up to {training.max_tokens_per_batch} tokens"
+        if training.max_tokens_per_batch
+        else f"{training.batch_size} pairs"
+    )
+    total = "" if training.max_tokens_per_batch else f" = {training.batch_size * micro_batches} pairs"
+    return (
+        f"global batch: {per_micro} x grad_accum {training.grad_accum} x {processes} process"
+        f"{'es' if processes > 1 else ''}{total} per optimizer step"
+    )
