@@ -302,7 +302,14 @@ def build_run(
     # values in memory only, as with an unwritable cache, compute their own, which equal rank 0's).
     with distributed.main_process_first():
         ref_logps, eval_ref_logps = training_reference_logps(
-            recipe, model, layout, tokenizer.pad_token_id, (train_pairs, summary), evaluation, visits_every_pair, console
+            recipe,
+            model,
+            layout,
+            tokenizer.pad_token_id,
+            (train_pairs, summary),
+            evaluation,
+            visits_every_pair,
+            console,
         )
     optimizer, scheduler, multiplier = _optimizer_and_schedule(recipe, model, total)
     state = TrainerState(
