@@ -121,7 +121,10 @@ def eval_(
 ):
     """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base), TRL's metrics.
     Settings come from the adapter's recipe.yaml (--model: another base); the flags and --set override them."""
+    from dpo_cli.run.distributed import refuse_several_processes
     from dpo_cli.run.eval_adapter import EvalOptions, metrics_table, run_eval
+
+    refuse_several_processes("eval")
 
     options = EvalOptions(
         adapter=adapter,
@@ -162,6 +165,9 @@ def merge_adapter(
     The base is the adapter's recipe's (--model: another); --set overrides its settings, e.g. model.device."""
     from dpo_cli.model.merge import MergeOptions
     from dpo_cli.model.merge import merge_adapter as run_merge
+    from dpo_cli.run.distributed import refuse_several_processes
+
+    refuse_several_processes("merge-adapter")
 
     options = MergeOptions(
         adapter=adapter,

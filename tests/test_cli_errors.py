@@ -184,3 +184,22 @@ def test_a_cuda_index_past_the_visible_gpus_is_one_line(monkeypatch):
 
 def test_defaults_pass_every_new_check():
     assert dataclasses.asdict(Recipe()) == dataclasses.asdict(recipe_from_dict({}))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["eval", "--adapter", "some-adapter", "--data", "pairs.jsonl"],
+        ["merge-adapter", "--adapter", "some-adapter", "--output", "merged"],
+    ],
+    ids=["eval", "merge-adapter"],
+)
+def test_commands_other_than_train_refuse_a_launcher(capsys, monkeypatch, tmp_path, args):
+    """Under torchrun every process would repeat the same eval or merge (and race for its output): one line instead."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, stderr = run_cli_inprocess(capsys, *args)
+    assert code == 2
+    assert f"dpo-cli {args[0]} runs as one process, and WORLD_SIZE=2" in stderr
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []

@@ -56,6 +56,15 @@ def is_distributed() -> bool:
     return world_size() > 1
 
 
+def refuse_several_processes(command: str) -> None:
+    """Only `train` runs data-parallel: another command under a launcher would do the same work in every process."""
+    if is_distributed():
+        raise UserError(
+            f"dpo-cli {command} runs as one process, and WORLD_SIZE={world_size()} says a launcher (torchrun, "
+            f"accelerate) started {world_size()}; run `dpo-cli {command} ...` directly"
+        )
+
+
 def is_main_process() -> bool:
     return rank() == 0
 
