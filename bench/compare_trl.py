@@ -4,8 +4,11 @@ A thin front end over bench/bench_train.py: each preset is a fixed set of bench_
 model, data, batch and steps are written down once and reused. `--dry-run` prints the resolved bench_train
 command line without loading anything; otherwise bench_train runs it (extra options pass through).
 
-Not yet here: a row per dpo-cli layout (bench_train has no --layout hook yet) and the HH-RLHF file for the
-`cpu` preset (it uses stories data until the file is prepared the way `--data FILE` expects).
+Each dpo-cli layout is its own row (`--layouts`; the row of the layout `auto` picks for the model is marked
+"default"), TRL's is one more, and the script fails (exit 1, one line) when a dpo-cli row's step-1 loss differs from
+TRL's by more than `--loss-rtol`. The `cpu` preset reads ../shared's HH-RLHF helpful-base the way `dpo-cli train`
+does. `--whole-process` instead times the real `dpo-cli train` command against a TRL script doing the same job, each
+a process from start to exit (bench/whole_process.py).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ LLAMA_8B = ["--hidden", "4096", "--layers", "32", "--heads", "32", "--kv-heads",
 LLAMA_8B += ["--intermediate", "14336", "--vocab", "128256"]
 
 PRESETS: dict[str, list[str]] = {
-    "cpu": ["--model", "stories260K", "--data", "stories", "--max-length", "512", "--batch-size", "8"],
-    "cpu-synthetic": ["--model", "synthetic", "--data", "hh-synthetic", "--max-length", "512", "--batch-size", "8"],
+    "cpu": ["--model", "stories260K", "--data", "hh", "--max-length", "512", "--batch-size", "8"]
+    + ["--layouts", "padded,packed,shared-prompt", "--threads", "1", "--warmup", "1", "--steps", "6"]
+    + ["--repeats", "1"],
+    "cpu-synthetic": ["--model", "synthetic", "--data", "hh-synthetic", "--max-length", "512", "--batch-size", "8"]
+    + ["--layouts", "padded,packed,shared-prompt", "--threads", "1"],
     "gpu": ["--model", "synthetic", *LLAMA_1B, "--data", "hh-synthetic", "--max-length", "1280"]
-    + ["--batch-size", "8", "--lora-r", "16", "--device", "cuda"],
+    + ["--batch-size", "8", "--lora-r", "16", "--device", "cuda", "--layouts", "padded,packed,shared-prompt"],
     "gpu-8b": ["--model", "synthetic", *LLAMA_8B, "--data", "hh-synthetic", "--max-length", "2048"]
     + ["--batch-size", "1", "--device", "cuda"],
 }

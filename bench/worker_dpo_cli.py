@@ -54,7 +54,7 @@ def dpo_cli_recipe(spec: Spec):
             device=spec.device,
         ),
         lora=LoraSection(r=spec.lora_r, alpha=spec.lora_alpha),
-        data=DataSection(train=[spec.data_path], max_length=spec.max_length),
+        data=DataSection(train=[spec.data_path], max_length=spec.max_length, layout=spec.layout),
         training=TrainingSection(
             output_dir=spec.output_dir,
             max_steps=spec.total_steps,
@@ -65,7 +65,7 @@ def dpo_cli_recipe(spec: Spec):
             save_steps=0,
             seed=spec.seed,
         ),
-        dpo=DpoSection(beta=spec.beta),
+        dpo=DpoSection(beta=spec.beta, precompute_ref=spec.precompute_ref),
     )
 
 
@@ -89,6 +89,7 @@ def run_dpo_cli(spec: Spec) -> WorkerResult:
     import torch
     from rich.console import Console
 
+    from dpo_cli.model.attention_support import resolve_layout
     from dpo_cli.run.callbacks import MetricsLogger
     from dpo_cli.run.loop import fit
     from dpo_cli.run.setup import build_run
@@ -121,4 +122,6 @@ def run_dpo_cli(spec: Spec) -> WorkerResult:
         absolute_peak_mib=absolute_peak_mib(device),
         rss_before_training_mib=rss_before,
         setup_seconds=setup_seconds,
+        layout=run.layout,
+        auto_layout=resolve_layout("auto", run.model, spec.max_length)[0],
     )
