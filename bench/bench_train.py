@@ -46,15 +46,17 @@ sys.path.insert(0, str(REPO))
 
 import benchlib  # noqa: E402
 from train_inputs import drop_long_prompts, ordered_data, resolve_model, source_records  # noqa: E402
-from train_summary import Summary, check_same_work, loss_disagreements, max_loss_gap, render, summarize  # noqa: E402
+from train_summary import Summary, check_same_work, loss_disagreements, max_loss_gaps, render, summarize  # noqa: E402
 from train_workers import Spec, WorkerResult, worker_main  # noqa: E402
 
 TOOLS = ("dpo-cli", "trl")
 LAYOUTS = ("auto", "padded", "packed", "shared-prompt")
 LOSS_RTOL = 1e-4
-"""How far apart dpo-cli's and TRL's losses at the same step may be (relative): the same pairs, weights and adapter
-give the same loss up to float32 rounding, a few 1e-6 over a few steps; a layout bug or a different pair is orders
-larger."""
+"""How far apart dpo-cli's and TRL's step-1 losses may be (relative). Step 1 runs from the same weights; with LoRA's
+B at zero its loss is log 2 whatever the pairs, so later steps are checked too (train_summary.loss_disagreements)."""
+LATER_LOSS_RTOL = 1e-3
+"""The bound for every later step: measured gaps are 1e-6 on the tiny model and ~1e-4 on stories260K with HH at
+512 tokens, where dpo-cli's layouts agree with each other to ~1e-5; a wrong pair, mask or gradient is far larger."""
 
 
 def run_worker(tool: str, spec_path: Path, result_path: Path, label: str, timeout: int) -> WorkerResult:
@@ -124,8 +126,14 @@ def parse_args(argv):
         "--loss-rtol",
         type=float,
         default=LOSS_RTOL,
-        help=f"fail when a dpo-cli row's loss at any step (step 1 first) differs from TRL's by more than this, "
-        f"relative (default {LOSS_RTOL:g})",
+        help=f"fail when a dpo-cli row's step-1 loss differs from TRL's by more than this, relative (default "
+        f"{LOSS_RTOL:g})",
+    )
+    parser.add_argument(
+        "--later-loss-rtol",
+        type=float,
+        default=LATER_LOSS_RTOL,
+        help=f"the same bound for every later step's loss (default {LATER_LOSS_RTOL:g})",
     )
     parser.add_argument(
         "--threads",
@@ -208,7 +216,7 @@ def _run_all(args, labels: dict[str, tuple[str, str]], specs: dict[str, Spec], w
     by_label: dict[str, list[WorkerResult]] = {label: [] for label in labels}
     order = list(labels)
     for run in range(args.repeats):
-        for number, label in enumerate(order if run % 2 == 0 else reversed(order)):
+        for label in order if run % 2 == 0 else reversed(order):
             tool, spec = labels[label][0], specs[label]
             name = f"{tool}-{spec.layout}-{run}" if tool == "dpo-cli" else f"{tool}-{run}"
             spec.output_dir = str(workdir / f"run-{name}")
@@ -331,13 +339,14 @@ def main(argv: list[str] | None = None) -> None:
     print("every row saw identical token ids at every step (checked)")
     print()
     print(table)
-    gaps = max_loss_gap(by_label)
+    gaps = max_loss_gaps(by_label)
     if gaps:
-        described["losses"] = "largest relative gap to TRL's loss over all steps: " + ", ".join(
-            f"{label} {gap:.1e}" for label, gap in gaps.items()
+        described["losses"] = "relative gap to TRL's loss at step 1 / the largest at a later step: " + ", ".join(
+            f"{label} {first:.1e} / {later:.1e}" for label, (first, later) in gaps.items()
         )
-        print(f"\n{described['losses']} (fails above --loss-rtol {args.loss_rtol:g})")
-    disagreements = loss_disagreements(by_label, args.loss_rtol)
+        limits = f"--loss-rtol {args.loss_rtol:g} / --later-loss-rtol {args.later_loss_rtol:g}"
+        print(f"\n{described['losses']} (checked against {limits})")
+    disagreements = loss_disagreements(by_label, args.loss_rtol, args.later_loss_rtol)
     if args.json:
         _write_json(args.json, described, spec, summaries, by_label)
     if disagreements:

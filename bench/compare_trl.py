@@ -43,11 +43,34 @@ def resolve(preset: str, extra: list[str]) -> list[str]:
     return [*PRESETS[preset], *extra]
 
 
+WHOLE_PROCESS = {
+    "cpu": ["--model", "stories260K", "--data", "hh", "--max-length", "512", "--batch-size", "8", "--steps", "12"]
+    + ["--threads", "1"],
+}
+"""The `--whole-process` settings of each preset that has them (whole_process.py runs on CPU only)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and stop")
+    parser.add_argument(
+        "--whole-process",
+        action="store_true",
+        help="time `dpo-cli train` against a TRL script, each a whole process (bench/whole_process.py)",
+    )
     args, extra = parser.parse_known_args(argv)
+    if args.whole_process:
+        if args.preset not in WHOLE_PROCESS:
+            parser.error(f"--whole-process: preset {args.preset} has no whole-process settings; use cpu")
+        resolved = [*WHOLE_PROCESS[args.preset], *extra]
+        if args.dry_run:
+            print(f"preset {args.preset}: bench/whole_process.py {shlex.join(resolved)}")
+            return
+        import whole_process
+
+        whole_process.main(resolved)
+        return
     resolved = resolve(args.preset, extra)
     if args.dry_run:
         print(f"preset {args.preset}: bench/bench_train.py {shlex.join(resolved)}")

@@ -69,14 +69,24 @@ def read_records(path: Path) -> list[dict]:
 
 
 def dpo_cli_records(path: Path) -> tuple[list[dict], int]:
-    """(the text pairs of a preference file as `dpo-cli train` reads it, records it set aside): its readers, its
-    format detection (HH-RLHF's implicit prompt is split off as dpo-cli splits it), `--on-invalid skip`."""
+    """(the text pairs of a preference file as `dpo-cli train` reads it, records left out): its readers, its format
+    detection (HH-RLHF's implicit prompt is split off as dpo-cli splits it), `--on-invalid skip`. Pairs that the
+    explicit format would refuse (an HH reply that is empty after the prompt) are left out too, as both tools read
+    the pairs back as explicit prompt/chosen/rejected text."""
+    from dpo_cli.data.formats import RecordProblem, explicit_pairs
     from dpo_cli.data.records import ReadOptions, ReadResult, iter_file_pairs
 
     result = ReadResult()
-    pairs = iter_file_pairs(path, ReadOptions(on_invalid="skip"), result)
-    records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
-    return records, len(result.invalid)
+    records, refused = [], 0
+    for pair in iter_file_pairs(path, ReadOptions(on_invalid="skip"), result):
+        record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+        try:
+            explicit_pairs(record)
+        except RecordProblem:
+            refused += 1
+            continue
+        records.append(record)
+    return records, len(result.invalid) + refused
 
 
 def _file_records(path: Path, name: str) -> tuple[list[dict], str]:
@@ -88,7 +98,7 @@ def _file_records(path: Path, name: str) -> tuple[list[dict], str]:
         raise SystemExit(f"--data {name}: {error}") from None
     if any(not isinstance(r["prompt"], str) for r in records):
         raise SystemExit(f"--data {name}: conversational pairs; the benchmark takes text prompts")
-    skipped = f", {invalid} invalid records skipped" if invalid else ""
+    skipped = f", {invalid} invalid records or empty replies left out" if invalid else ""
     return records, f"{path} (read by dpo-cli's readers: {len(records)} pairs{skipped})"
 
 

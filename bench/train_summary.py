@@ -80,13 +80,15 @@ def check_same_work(by_label: dict[str, list[WorkerResult]]) -> None:
                 )
 
 
-def loss_disagreements(by_label: dict[str, list[WorkerResult]], rtol: float) -> list[str]:
-    """One line per dpo-cli run whose loss at some step is more than `rtol` (relative) from TRL's at that step; []
-    without a TRL row.
+def loss_disagreements(by_label: dict[str, list[WorkerResult]], rtol: float, later_rtol: float) -> list[str]:
+    """One line per dpo-cli run whose step-1 loss is more than `rtol` (relative) from TRL's, or whose loss at a later
+    step is more than `later_rtol` from TRL's at that step; [] without a TRL row.
 
     Step 1 alone proves little: LoRA's B starts at zero, so the policy equals the reference and the step-1 loss is
-    log 2 for any pairs. From step 2 on the loss carries the first update, so it agrees only if both tools computed
-    the same gradient and took the same AdamW step; so every step is compared, step 1 first."""
+    log 2 for any pairs. From step 2 on the loss carries the updates, so it agrees only if both tools computed the
+    same gradients and took the same AdamW steps; it is held to a looser bound because the tools' LoRA weights do
+    not start bit for bit equal (TRL rounds them to bfloat16 on a quantized base; bench_train casts them back, the
+    rounding stays) and float rounding compounds over the steps."""
     trl = by_label.get("trl")
     if not trl or not trl[0].losses:
         return []
@@ -101,30 +103,34 @@ def loss_disagreements(by_label: dict[str, list[WorkerResult]], rtol: float) -> 
                 continue
             for step, (ours, theirs) in enumerate(zip(result.losses, expected, strict=True), start=1):
                 gap = abs(ours - theirs) / max(abs(theirs), 1e-12)
-                if not gap <= rtol:  # also catches nan
+                bound = rtol if step == 1 else later_rtol
+                if not gap <= bound:  # also catches nan
                     problems.append(
                         f"{label} (run {run + 1}) step {step} loss {ours:.8g} vs TRL {theirs:.8g}, relative gap "
-                        f"{gap:.2g} > {rtol:g}"
+                        f"{gap:.2g} > {bound:g}"
                     )
                     break
     return problems
 
 
-def max_loss_gap(by_label: dict[str, list[WorkerResult]]) -> dict[str, float]:
-    """{dpo-cli label: the largest relative gap to TRL's loss over every step of every run}."""
+def max_loss_gaps(by_label: dict[str, list[WorkerResult]]) -> dict[str, tuple[float, float]]:
+    """{dpo-cli label: (relative gap to TRL's step-1 loss, the largest relative gap at a later step)}, over its runs."""
     trl = by_label.get("trl")
     if not trl:
         return {}
     expected = trl[0].losses
-    return {
-        label: max(
-            abs(ours - theirs) / max(abs(theirs), 1e-12)
-            for result in results
-            for ours, theirs in zip(result.losses, expected, strict=False)
-        )
-        for label, results in by_label.items()
-        if label != "trl"
-    }
+
+    def gap(ours: float, theirs: float) -> float:
+        return abs(ours - theirs) / max(abs(theirs), 1e-12)
+
+    gaps = {}
+    for label, results in by_label.items():
+        if label == "trl":
+            continue
+        first = max(gap(r.losses[0], expected[0]) for r in results)
+        later = [gap(a, b) for r in results for a, b in zip(r.losses[1:], expected[1:], strict=False)]
+        gaps[label] = (first, max(later, default=0.0))
+    return gaps
 
 
 def row_name(label: str, summary: Summary) -> str:
