@@ -123,6 +123,11 @@ def parse_args(argv):
         help="dpo-cli: dpo.precompute_ref (reference scored once in setup, steps run only the policy)",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="dpo-cli: model.compile (torch.compile of each decoder layer); the warmup steps pay the compile",
+    )
+    parser.add_argument(
         "--loss-rtol",
         type=float,
         default=LOSS_RTOL,
@@ -206,6 +211,7 @@ def _specs(args, labels: dict[str, tuple[str, str]], model_path: str, data_path:
             output_dir="",
             layout=layout or "auto",
             precompute_ref=args.precompute_ref,
+            compile=args.compile,
         )
         for label, (_, layout) in labels.items()
     }
@@ -237,6 +243,8 @@ def _settings_line(args, spec: Spec, by_label: dict[str, list[WorkerResult]], de
     if dtype == "auto":
         dtype = "float32"
     notes = sorted({note for results in by_label.values() for r in results for note in r.notes})
+    if args.compile:
+        notes.append("dpo-cli: decoder layers torch.compiled (model.compile)")
     if args.precompute_ref:
         notes.append("dpo-cli: reference log-probs precomputed in setup (dpo.precompute_ref), steps run the policy")
     settings = (

@@ -38,6 +38,7 @@ class Spec:
     profile_path: str = ""  # CPU: write the profiled step's operator table here
     layout: str = "auto"  # dpo-cli only: data.layout (auto, padded, packed, shared-prompt)
     precompute_ref: bool = False  # dpo-cli only: dpo.precompute_ref (the steps then run only the policy)
+    compile: bool = False  # dpo-cli only: model.compile (torch.compile of each decoder layer)
 
     @property
     def total_steps(self) -> int:

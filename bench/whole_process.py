@@ -20,7 +20,9 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,12 +173,14 @@ def render(runs: list[ProcessRun]) -> str:
         if ours and theirs:
 
             def median_ratio(key, ours=ours, theirs=theirs):
-                a = sorted(getattr(r, key) for r in ours)[len(ours) // 2]
-                b = sorted(getattr(r, key) for r in theirs)[len(theirs) // 2]
+                a = statistics.median(getattr(r, key) for r in ours)
+                b = statistics.median(getattr(r, key) for r in theirs)
                 return f"{a / b:.2f}x"
 
             ratios = [median_ratio(k) for k in ("wall_seconds", "cpu_seconds", "max_rss_mib")]
             rows.append([f"**dpo-cli / TRL, {cache} cache**", *ratios, "", "", "", ""])
+            speed_ups = [median_ratio(k, theirs, ours) for k in ("wall_seconds", "cpu_seconds")]
+            rows.append([f"**speed-up (TRL s / dpo-cli s), {cache} cache**", *speed_ups, "", "", "", "", ""])
     return benchlib.format_table(header, rows)
 
 
@@ -198,7 +202,7 @@ def main(argv=None) -> None:
             pair = [("dpo-cli", run_dpo_cli), ("TRL", run_trl)]
             for tool, runner in pair if (repeat + (cache == "warm")) % 2 == 0 else reversed(pair):
                 name = f"{tool} ({cache} cache)" + (f" #{repeat + 1}" if args.repeats > 1 else "")
-                runs.append(runner(args, model_path, data, workdir, name.replace(" ", "-").replace("#", "")))
+                runs.append(runner(args, model_path, data, workdir, re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")))
                 runs[-1].name = name
                 print(f"  {name}: {runs[-1].wall_seconds:.1f}s wall, {runs[-1].cpu_seconds:.1f}s CPU")
     pairs = {r.pairs for r in runs}

@@ -51,6 +51,7 @@ def dpo_cli_recipe(spec: Spec):
             quantize=spec.quantize,
             compute_dtype=spec.compute_dtype,
             gradient_checkpointing=spec.gradient_checkpointing,
+            compile=spec.compile,
             device=spec.device,
         ),
         lora=LoraSection(r=spec.lora_r, alpha=spec.lora_alpha),
