@@ -18,8 +18,13 @@ worker's peak RSS for reference (it includes each library's import cost, which d
 
 The parts: train_inputs.py (data and models), train_workers.py (the two workers), train_summary.py (figures, table).
 
+`--layouts` gives one dpo-cli row per batch layout (each its own worker, every one checked to see the same token ids);
+every dpo-cli row's loss is checked against TRL's at each step (`--loss-rtol`, `--later-loss-rtol`), after the
+table prints, and a gap ends the run with exit 1 and one line naming the row and step.
+
 Run:
-    make bench                                              # stories260K 4-bit, stories-happy pairs, CPU
+    make bench                                              # compare_trl.py --preset cpu: stories260K 4-bit, HH
+    python bench/bench_train.py                             # stories260K 4-bit, stories-happy pairs, CPU
     python bench/bench_train.py --model tiny --data tiny    # the built-in tiny model, no ../shared needed
     python bench/bench_train.py --model synthetic --data hh-synthetic --max-length 512 --batch-size 2
     python bench/bench_train.py --write                     # also append the table to bench/RESULTS.md
