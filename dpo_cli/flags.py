@@ -2,8 +2,9 @@
 
 A recipe field that has a flag says so in its metadata, `field(default=0.1, metadata={"flag": "--beta"})`, and its
 help is the docstring written under it in config.py. A bool field's flag is either one switch that sets the opposite of
-its default (`--no-quantize`) or a pair that sets either value (`--gradient-checkpointing/--no-gradient-checkpointing`). `flag_in` names a command where the same setting goes by another
-flag (eval's `--batch-size` is `training.eval_batch_size`). A command lists the recipe keys it accepts:
+its default (`--no-quantize`) or a pair that sets either value (`--gradient-checkpointing/--no-gradient-checkpointing`).
+`flag_in` names a command where the same setting goes by another flag (eval's `--batch-size` is
+`training.eval_batch_size`). A command lists the recipe keys it accepts:
 
     @app.command()
     @recipe_flags("eval", "model.path", "dpo.beta", ...)
