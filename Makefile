@@ -49,7 +49,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) bench/bench_train.py
+	$(PY) bench/compare_trl.py --preset cpu
 
 lint: $(STAMP)
 	$(PY) -m ruff check dpo_cli tests bench

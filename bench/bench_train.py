@@ -18,8 +18,13 @@ worker's peak RSS for reference (it includes each library's import cost, which d
 
 The parts: train_inputs.py (data and models), train_workers.py (the two workers), train_summary.py (figures, table).
 
+`--layouts` gives one dpo-cli row per batch layout (each its own worker, every one checked to see the same token ids);
+every dpo-cli row's loss is checked against TRL's at each step (`--loss-rtol`, `--later-loss-rtol`), after the
+table prints, and a gap ends the run with exit 1 and one line naming the row and step.
+
 Run:
-    make bench                                              # stories260K 4-bit, stories-happy pairs, CPU
+    make bench                                              # compare_trl.py --preset cpu: stories260K 4-bit, HH
+    python bench/bench_train.py                             # stories260K 4-bit, stories-happy pairs, CPU
     python bench/bench_train.py --model tiny --data tiny    # the built-in tiny model, no ../shared needed
     python bench/bench_train.py --model synthetic --data hh-synthetic --max-length 512 --batch-size 2
     python bench/bench_train.py --write                     # also append the table to bench/RESULTS.md
@@ -46,26 +51,32 @@ sys.path.insert(0, str(REPO))
 
 import benchlib  # noqa: E402
 from train_inputs import drop_long_prompts, ordered_data, resolve_model, source_records  # noqa: E402
-from train_summary import Summary, check_same_work, render, summarize  # noqa: E402
+from train_summary import Summary, check_same_work, loss_disagreements, max_loss_gaps, render, summarize  # noqa: E402
 from train_workers import Spec, WorkerResult, worker_main  # noqa: E402
 
 TOOLS = ("dpo-cli", "trl")
+LAYOUTS = ("auto", "padded", "packed", "shared-prompt")
+LOSS_RTOL = 1e-4
+"""How far apart dpo-cli's and TRL's step-1 losses may be (relative). Step 1 runs from the same weights; with LoRA's
+B at zero its loss is log 2 whatever the pairs, so later steps are checked too (train_summary.loss_disagreements)."""
+LATER_LOSS_RTOL = 1e-3
+"""The bound for every later step: measured gaps are 1e-6 on the tiny model and ~1e-4 on stories260K with HH at
+512 tokens, where dpo-cli's layouts agree with each other to ~1e-5; a wrong pair, mask or gradient is far larger."""
 
 
-def run_worker(tool: str, spec_path: Path, workdir: Path, run: int, timeout: int) -> WorkerResult:
-    result_path = workdir / f"result-{tool}-{run}.json"
+def run_worker(tool: str, spec_path: Path, result_path: Path, label: str, timeout: int) -> WorkerResult:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, str(spec_path), str(result_path)]
     started = time.perf_counter()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise SystemExit(f"{tool}: the worker ran past --timeout {timeout}s; use fewer --steps") from None
+        raise SystemExit(f"{label}: the worker ran past --timeout {timeout}s; use fewer --steps") from None
     if done.returncode != 0 or not result_path.exists():
         sys.stderr.write(done.stderr[-6000:])
-        raise SystemExit(f"{tool}: the worker failed (exit {done.returncode}); its stderr is above")
+        raise SystemExit(f"{label}: the worker failed (exit {done.returncode}); its stderr is above")
     result = WorkerResult(**json.loads(result_path.read_text()))
-    print(f"  {tool:8s} run {run + 1}: {time.perf_counter() - started:.0f}s (setup {result.setup_seconds:.0f}s)")
+    print(f"  {label:22s} {time.perf_counter() - started:4.0f}s (setup {result.setup_seconds:.0f}s)")
     return result
 
 
@@ -107,6 +118,34 @@ def parse_args(argv):
     )
     parser.add_argument("--tools", default=",".join(TOOLS), help="which of dpo-cli,trl to run")
     parser.add_argument(
+        "--layouts",
+        default="auto",
+        help="dpo-cli batch layouts, one row each: a comma list of auto, padded, packed, shared-prompt (default auto)",
+    )
+    parser.add_argument(
+        "--precompute-ref",
+        action="store_true",
+        help="dpo-cli: dpo.precompute_ref (reference scored once in setup, steps run only the policy)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="dpo-cli: model.compile (torch.compile of each decoder layer); the warmup steps pay the compile",
+    )
+    parser.add_argument(
+        "--loss-rtol",
+        type=float,
+        default=LOSS_RTOL,
+        help=f"fail when a dpo-cli row's step-1 loss differs from TRL's by more than this, relative (default "
+        f"{LOSS_RTOL:g})",
+    )
+    parser.add_argument(
+        "--later-loss-rtol",
+        type=float,
+        default=LATER_LOSS_RTOL,
+        help=f"the same bound for every later step's loss (default {LATER_LOSS_RTOL:g})",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -131,15 +170,32 @@ def parse_args(argv):
     )
     parser.add_argument("--worker", nargs=3, metavar=("TOOL", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    for name in args.layouts:
+        if name not in LAYOUTS:
+            parser.error(f"--layouts: unknown {name!r}; choose from {', '.join(LAYOUTS)}")
+    if not args.layouts:
+        parser.error("--layouts: name at least one layout")
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1 (throughput is timed from the end of a warmup step)")
     return args
 
 
-def _specs(args, tools: list[str], model_path: str, data_path: Path, device) -> dict[str, Spec]:
-    """One Spec per tool, the same settings for each (the output folder and profile path are set per run)."""
+def _labels(args, tools: list[str]) -> dict[str, tuple[str, str]]:
+    """{row label: (tool, dpo-cli layout)}: one dpo-cli row per `--layouts` entry, then TRL's."""
+    labels = {}
+    if "dpo-cli" in tools:
+        for layout in args.layouts:
+            labels[f"dpo-cli {layout}"] = ("dpo-cli", layout)
+    if "trl" in tools:
+        labels["trl"] = ("trl", "")
+    return labels
+
+
+def _specs(args, labels: dict[str, tuple[str, str]], model_path: str, data_path: Path, device) -> dict[str, Spec]:
+    """One Spec per row, the same settings for each (the output folder and profile path are set per run)."""
     return {
-        tool: Spec(
+        label: Spec(
             model_path=model_path,
             data_path=str(data_path),
             device=device.type,
@@ -158,34 +214,44 @@ def _specs(args, tools: list[str], model_path: str, data_path: Path, device) -> 
             trl_lora_fp32=args.trl_lora_dtype == "float32",
             threads=args.threads,
             output_dir="",
+            layout=layout or "auto",
+            precompute_ref=args.precompute_ref,
+            compile=args.compile,
         )
-        for tool in tools
+        for label, (_, layout) in labels.items()
     }
 
 
-def _run_all(args, tools: list[str], specs: dict[str, Spec], workdir: Path) -> dict[str, list[WorkerResult]]:
-    """`--repeats` runs of each tool, alternating which goes first."""
-    by_tool: dict[str, list[WorkerResult]] = {tool: [] for tool in tools}
+def _run_all(args, labels: dict[str, tuple[str, str]], specs: dict[str, Spec], workdir: Path):
+    """`--repeats` runs of each row's worker, alternating which goes first; {label: results}."""
+    by_label: dict[str, list[WorkerResult]] = {label: [] for label in labels}
+    order = list(labels)
     for run in range(args.repeats):
-        for tool in tools if run % 2 == 0 else reversed(tools):
-            spec = specs[tool]
-            spec.output_dir = str(workdir / f"run-{tool}-{run}")
+        for label in order if run % 2 == 0 else reversed(order):
+            tool, spec = labels[label][0], specs[label]
+            name = f"{tool}-{spec.layout}-{run}" if tool == "dpo-cli" else f"{tool}-{run}"
+            spec.output_dir = str(workdir / f"run-{name}")
             shutil.rmtree(spec.output_dir, ignore_errors=True)  # a rerun in the same --workdir starts clean
-            spec.profile_path = str(workdir / f"profile-{tool}-{run}.txt") if args.profile else ""
-            spec_path = workdir / f"spec-{tool}-{run}.json"
+            spec.profile_path = str(workdir / f"profile-{name}.txt") if args.profile else ""
+            spec_path = workdir / f"spec-{name}.json"
             spec_path.write_text(json.dumps(asdict(spec)))
-            by_tool[tool].append(run_worker(tool, spec_path, workdir, run, args.timeout))
-    return by_tool
+            result_path = workdir / f"result-{name}.json"
+            by_label[label].append(run_worker(tool, spec_path, result_path, label, args.timeout))
+    return by_label
 
 
-def _settings_line(args, spec: Spec, by_tool: dict[str, list[WorkerResult]], device) -> str:
-    reference = next(iter(by_tool.values()))[0]
+def _settings_line(args, spec: Spec, by_label: dict[str, list[WorkerResult]], device) -> str:
+    reference = next(iter(by_label.values()))[0]
     tokens = reference.tokens_per_step[spec.warmup : spec.warmup + spec.steps]
     rows = 2 * spec.batch_size
     dtype = "bfloat16" if device.type == "cuda" and args.compute_dtype == "auto" else args.compute_dtype
     if dtype == "auto":
         dtype = "float32"
-    notes = sorted({note for results in by_tool.values() for r in results for note in r.notes})
+    notes = sorted({note for results in by_label.values() for r in results for note in r.notes})
+    if args.compile:
+        notes.append("dpo-cli: decoder layers torch.compiled (model.compile)")
+    if args.precompute_ref:
+        notes.append("dpo-cli: reference log-probs precomputed in setup (dpo.precompute_ref), steps run the policy")
     settings = (
         f"{'4-bit NF4 (double quant)' if spec.quantize else 'unquantized'} base, compute {dtype}; LoRA "
         f"r={spec.lora_r} alpha={spec.lora_alpha} all-linear, {reference.trainable_params:,} trainable; batch "
@@ -216,7 +282,8 @@ def _write_block(args, argv, device, described: dict[str, str], table: str) -> N
         f"- data: {described['data']}\n"
         f"- settings: {described['settings']}\n"
         f"- memory: {memory_note}\n"
-        "- both tools saw identical token ids at every step (checked by the script); ratios are dpo-cli / TRL "
+        + (f"- losses: {described['losses']}\n" if "losses" in described else "")
+        + "- every row saw identical token ids at every step (checked by the script); ratios are dpo-cli / TRL "
         "(higher is better for pairs/s and tokens/s, lower for s/step and memory)\n\n"
         f"{table}\n"
     )
@@ -225,7 +292,7 @@ def _write_block(args, argv, device, described: dict[str, str], table: str) -> N
     print(f"\nappended to section '{section}' of {args.write}")
 
 
-def _write_json(path: Path, described: dict[str, str], spec: Spec, summaries, by_tool) -> None:
+def _write_json(path: Path, described: dict[str, str], spec: Spec, summaries, by_label) -> None:
     payload = {
         "settings": described["settings"],
         "spec": asdict(spec),
@@ -233,8 +300,8 @@ def _write_json(path: Path, described: dict[str, str], spec: Spec, summaries, by
         "code": described["code"],
         "model": described["model"],
         "data": described["data"],
-        "summaries": {tool: asdict(s) for tool, s in summaries.items()},
-        "results": {tool: [asdict(r) for r in results] for tool, results in by_tool.items()},
+        "summaries": {label: asdict(s) for label, s in summaries.items()},
+        "results": {label: [asdict(r) for r in results] for label, results in by_label.items()},
     }
     path.write_text(json.dumps(payload, indent=1))
 
@@ -265,27 +332,38 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     model_path, data_path, described = _prepared_inputs(args, workdir, device)
-    specs = _specs(args, tools, model_path, data_path, device)
+    labels = _labels(args, tools)
+    specs = _specs(args, labels, model_path, data_path, device)
     described.update(machine=benchlib.machine_description(device, args.threads), code=benchlib.code_version(REPO))
     print(f"training-step benchmark on {device.type}: {described['machine']}")
     print(f"model: {described['model']}; data: {described['data']}; work folder {workdir}")
-    by_tool = _run_all(args, tools, specs, workdir)
-    check_same_work(by_tool)
+    by_label = _run_all(args, labels, specs, workdir)
+    check_same_work(by_label)
 
-    spec = specs[tools[0]]
-    summaries: dict[str, Summary] = {tool: summarize(spec, results) for tool, results in by_tool.items()}
-    described["settings"] = _settings_line(args, spec, by_tool, device)
-    loads = [x for results in by_tool.values() for r in results for x in r.load_average]
+    spec = next(iter(specs.values()))
+    summaries: dict[str, Summary] = {label: summarize(spec, results) for label, results in by_label.items()}
+    described["settings"] = _settings_line(args, spec, by_label, device)
+    loads = [x for results in by_label.values() for r in results for x in r.load_average]
     described["load"] = f"1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs"
     table = render(summaries, device.type)
     print()
     print(f"settings: {described['settings']}")
     print(f"{described['code']}; {described['load']}")
-    print("both tools saw identical token ids at every step (checked)")
+    print("every row saw identical token ids at every step (checked)")
     print()
     print(table)
+    gaps = max_loss_gaps(by_label)
+    if gaps:
+        described["losses"] = "relative gap to TRL's loss at step 1 / the largest at a later step: " + ", ".join(
+            f"{label} {first:.1e} / {later:.1e}" for label, (first, later) in gaps.items()
+        )
+        limits = f"--loss-rtol {args.loss_rtol:g} / --later-loss-rtol {args.later_loss_rtol:g}"
+        print(f"\n{described['losses']} (checked against {limits})")
+    disagreements = loss_disagreements(by_label, args.loss_rtol, args.later_loss_rtol)
     if args.json:
-        _write_json(args.json, described, spec, summaries, by_tool)
+        _write_json(args.json, described, spec, summaries, by_label)
+    if disagreements:
+        raise SystemExit("dpo-cli's and TRL's losses disagree: " + "; ".join(disagreements))
     if args.write:
         _write_block(args, argv, device, described, table)
 

@@ -1,6 +1,8 @@
 """The inputs of bench_train.py: the preference pairs both tools read, in one order, and the base model.
 
-`--data`: stories (../shared), tiny (dpo_cli.demo), hh-synthetic (generated multi-turn dialogue) or a .jsonl file;
+`--data`: stories (../shared), hh (../shared's HH-RLHF helpful-base), tiny (dpo_cli.demo), hh-synthetic (generated
+multi-turn dialogue) or a preference file of any format dpo-cli reads (read by dpo-cli's own readers, format detected,
+bad records skipped, and written out as explicit prompt/chosen/rejected text, which both tools then read);
 `--model`: stories260K (../shared), tiny, synthetic (a random Llama of a requested shape) or a model folder.
 """
 
@@ -15,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("DPO_CLI_SHARED", REPO.parent / "shared"))
 STORIES_MODEL = SHARED / "models" / "stories260K"
 STORIES_DATA = SHARED / "data" / "stories-happy" / "train.jsonl"
+HH_DATA = SHARED / "data" / "hh-rlhf" / "helpful-base-test.jsonl.gz"
 
 WORDS = (
     "the a to and of you I it is that for in on with can be have this my your do not are what how about would "
@@ -65,11 +68,50 @@ def read_records(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def dpo_cli_records(path: Path) -> tuple[list[dict], int]:
+    """(the text pairs of a preference file as `dpo-cli train` reads it, records left out): its readers, its format
+    detection (HH-RLHF's implicit prompt is split off as dpo-cli splits it), `--on-invalid skip`. Pairs that the
+    explicit format would refuse (an HH reply that is empty after the prompt) are left out too, as both tools read
+    the pairs back as explicit prompt/chosen/rejected text."""
+    from dpo_cli.data.formats import RecordProblem, explicit_pairs
+    from dpo_cli.data.records import ReadOptions, ReadResult, iter_file_pairs
+
+    result = ReadResult()
+    records, refused = [], 0
+    for pair in iter_file_pairs(path, ReadOptions(on_invalid="skip"), result):
+        record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+        try:
+            explicit_pairs(record)
+        except RecordProblem:
+            refused += 1
+            continue
+        records.append(record)
+    return records, len(result.invalid) + refused
+
+
+def _file_records(path: Path, name: str) -> tuple[list[dict], str]:
+    from dpo_cli.errors import UserError
+
+    try:
+        records, invalid = dpo_cli_records(path)
+    except UserError as error:
+        raise SystemExit(f"--data {name}: {error}") from None
+    if any(not isinstance(r["prompt"], str) for r in records):
+        raise SystemExit(f"--data {name}: conversational pairs; the benchmark takes text prompts")
+    skipped = f", {invalid} invalid records or empty replies left out" if invalid else ""
+    return records, f"{path} (read by dpo-cli's readers: {len(records)} pairs{skipped})"
+
+
 def source_records(args, workdir: Path) -> tuple[list[dict], str]:
     if args.data == "stories":
         if not STORIES_DATA.exists():
             raise SystemExit(f"--data stories needs {STORIES_DATA} (the ../shared material); use --data tiny instead")
         return read_records(STORIES_DATA), f"stories-happy train ({STORIES_DATA})"
+    if args.data == "hh":
+        if not HH_DATA.exists():
+            raise SystemExit(f"--data hh needs {HH_DATA} (the ../shared material); use --data hh-synthetic instead")
+        records, described = _file_records(HH_DATA, "hh")
+        return records, "HH-RLHF helpful-base " + described
     if args.data == "tiny":
         from dpo_cli.demo.tiny import make_pairs
 
@@ -78,8 +120,8 @@ def source_records(args, workdir: Path) -> tuple[list[dict], str]:
         return hh_synthetic_pairs(400, args.max_length, args.seed), "hh-synthetic (400 generated multi-turn pairs)"
     path = Path(args.data)
     if not path.is_file():
-        raise SystemExit(f"--data {args.data}: not stories, tiny, hh-synthetic or a .jsonl file")
-    return read_records(path), str(path)
+        raise SystemExit(f"--data {args.data}: not stories, hh, tiny, hh-synthetic or a preference file")
+    return _file_records(path, args.data)
 
 
 def drop_long_prompts(records: list[dict], model_path: str, max_length: int) -> tuple[list[dict], int]:

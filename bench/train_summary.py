@@ -13,6 +13,8 @@ from train_workers import Spec, WorkerResult
 @dataclass
 class Summary:
     tool: str
+    layout: str  # dpo-cli: the layout the runs resolved to; TRL: empty
+    auto_layout: str  # dpo-cli: the layout `auto`, the default, resolves to for this model
     pairs_per_second: float
     tokens_per_second: float
     seconds_per_step: float  # median over the timed steps
@@ -39,6 +41,8 @@ def summarize(spec: Spec, results: list[WorkerResult]) -> Summary:
     peaks = [r.peak_step_mib for r in results if r.peak_step_mib is not None]
     return Summary(
         tool=results[0].tool,
+        layout=results[0].layout,
+        auto_layout=results[0].auto_layout,
         pairs_per_second=statistics.median(pairs_s),
         tokens_per_second=statistics.median(tokens_s),
         seconds_per_step=statistics.median(step_s),
@@ -59,10 +63,10 @@ def _median_step(ends: list[float], spec: Spec) -> float:
     return statistics.median(b - a for a, b in zip(timed, timed[1:], strict=False))
 
 
-def check_same_work(by_tool: dict[str, list[WorkerResult]]) -> None:
-    """Both tools must have seen the same token ids at every step, and trained the same number of parameters."""
-    reference = next(iter(by_tool.values()))[0]
-    for tool, results in by_tool.items():
+def check_same_work(by_label: dict[str, list[WorkerResult]]) -> None:
+    """Every row must have seen the same token ids at every step, and trained the same number of parameters."""
+    reference = next(iter(by_label.values()))[0]
+    for tool, results in by_label.items():
         for result in results:
             if result.digests != reference.digests or result.tokens_per_step != reference.tokens_per_step:
                 step = next(
@@ -76,8 +80,72 @@ def check_same_work(by_tool: dict[str, list[WorkerResult]]) -> None:
                 )
 
 
+def loss_disagreements(by_label: dict[str, list[WorkerResult]], rtol: float, later_rtol: float) -> list[str]:
+    """One line per dpo-cli run whose step-1 loss is more than `rtol` (relative) from TRL's, or whose loss at a later
+    step is more than `later_rtol` from TRL's at that step; [] without a TRL row.
+
+    Step 1 alone proves little: LoRA's B starts at zero, so the policy equals the reference and the step-1 loss is
+    log 2 for any pairs. From step 2 on the loss carries the updates, so it agrees only if both tools computed the
+    same gradients and took the same AdamW steps; it is held to a looser bound because the tools' LoRA weights do
+    not start bit for bit equal (TRL rounds them to bfloat16 on a quantized base; bench_train casts them back, the
+    rounding stays) and float rounding compounds over the steps."""
+    trl = by_label.get("trl")
+    if not trl or not trl[0].losses:
+        return []
+    expected = trl[0].losses
+    problems = []
+    for label, results in by_label.items():
+        for run, result in enumerate(results):
+            if label == "trl":
+                continue
+            if len(result.losses) != len(expected):
+                problems.append(f"{label} (run {run + 1}) logged {len(result.losses)} losses, TRL {len(expected)}")
+                continue
+            for step, (ours, theirs) in enumerate(zip(result.losses, expected, strict=True), start=1):
+                gap = abs(ours - theirs) / max(abs(theirs), 1e-12)
+                bound = rtol if step == 1 else later_rtol
+                if not gap <= bound:  # also catches nan
+                    problems.append(
+                        f"{label} (run {run + 1}) step {step} loss {ours:.8g} vs TRL {theirs:.8g}, relative gap "
+                        f"{gap:.2g} > {bound:g}"
+                    )
+                    break
+    return problems
+
+
+def max_loss_gaps(by_label: dict[str, list[WorkerResult]]) -> dict[str, tuple[float, float]]:
+    """{dpo-cli label: (relative gap to TRL's step-1 loss, the largest relative gap at a later step)}, over its runs."""
+    trl = by_label.get("trl")
+    if not trl:
+        return {}
+    expected = trl[0].losses
+
+    def gap(ours: float, theirs: float) -> float:
+        return abs(ours - theirs) / max(abs(theirs), 1e-12)
+
+    gaps = {}
+    for label, results in by_label.items():
+        if label == "trl":
+            continue
+        first = max(gap(r.losses[0], expected[0]) for r in results)
+        later = [gap(a, b) for r in results for a, b in zip(r.losses[1:], expected[1:], strict=False)]
+        gaps[label] = (first, max(later, default=0.0))
+    return gaps
+
+
+def row_name(label: str, summary: Summary) -> str:
+    if summary.tool == "trl":
+        return "TRL 1.16 DPOTrainer"
+    requested = label.split(" ", 1)[1] if " " in label else ""
+    if requested and requested != summary.layout:
+        return f"dpo-cli {requested} (= {summary.layout})"
+    default = " (default)" if summary.layout == summary.auto_layout else ""
+    return f"dpo-cli {summary.layout}{default}"
+
+
 def render(summaries: dict[str, Summary], device_type: str) -> str:
-    ours, trl = summaries.get("dpo-cli"), summaries.get("trl")
+    """One row per dpo-cli layout and TRL's, then each dpo-cli row's ratios to TRL."""
+    trl = summaries.get("trl")
     cpu = device_type == "cpu"
     header = ["tool", "pairs/s", "tokens/s", "s/step", "CPU s/step"]
     if cpu:
@@ -90,9 +158,9 @@ def render(summaries: dict[str, Summary], device_type: str) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
     rows = []
-    for s in summaries.values():
+    for label, s in summaries.items():
         row = [
-            "dpo-cli" if s.tool == "dpo-cli" else "TRL 1.16 DPOTrainer",
+            row_name(label, s),
             f"{s.pairs_per_second:.2f}",
             f"{s.tokens_per_second:,.0f}",
             f"{s.seconds_per_step:.3f}",
@@ -101,13 +169,15 @@ def render(summaries: dict[str, Summary], device_type: str) -> str:
         ]
         row += [mib(s.rss_growth_mib)] if cpu else []
         rows.append([*row, mib(s.absolute_peak_mib), f"{s.first_loss:.4f} → {s.last_loss:.4f}"])
-    if ours and trl:
 
-        def ratio(a, b):
-            return "-" if a is None or b is None or not b else f"{a / b:.2f}x"
+    def ratio(a, b):
+        return "-" if a is None or b is None or not b else f"{a / b:.2f}x"
 
+    for label, ours in summaries.items():
+        if trl is None or ours.tool != "dpo-cli":
+            continue
         row = [
-            "**dpo-cli / TRL**",
+            f"**{row_name(label, ours)} / TRL**",
             ratio(ours.pairs_per_second, trl.pairs_per_second),
             ratio(ours.tokens_per_second, trl.tokens_per_second),
             ratio(ours.seconds_per_step, trl.seconds_per_step),

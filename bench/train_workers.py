@@ -36,6 +36,9 @@ class Spec:
     threads: int
     output_dir: str
     profile_path: str = ""  # CPU: write the profiled step's operator table here
+    layout: str = "auto"  # dpo-cli only: data.layout (auto, padded, packed, shared-prompt)
+    precompute_ref: bool = False  # dpo-cli only: dpo.precompute_ref (the steps then run only the policy)
+    compile: bool = False  # dpo-cli only: model.compile (torch.compile of each decoder layer)
 
     @property
     def total_steps(self) -> int:
@@ -59,6 +62,8 @@ class WorkerResult:
     rss_before_training_mib: float  # RSS once the model, adapter and data are loaded, before the first step
     setup_seconds: float
     notes: list[str] = field(default_factory=list)
+    layout: str = ""  # dpo-cli: the layout the run resolved `Spec.layout` to; TRL: empty
+    auto_layout: str = ""  # dpo-cli: the layout `auto` (the default) resolves to for this model
 
 
 def batch_digest(input_ids, attention_mask) -> tuple[str, int]:

@@ -51,10 +51,11 @@ def dpo_cli_recipe(spec: Spec):
             quantize=spec.quantize,
             compute_dtype=spec.compute_dtype,
             gradient_checkpointing=spec.gradient_checkpointing,
+            compile=spec.compile,
             device=spec.device,
         ),
         lora=LoraSection(r=spec.lora_r, alpha=spec.lora_alpha),
-        data=DataSection(train=[spec.data_path], max_length=spec.max_length),
+        data=DataSection(train=[spec.data_path], max_length=spec.max_length, layout=spec.layout),
         training=TrainingSection(
             output_dir=spec.output_dir,
             max_steps=spec.total_steps,
@@ -65,9 +66,9 @@ def dpo_cli_recipe(spec: Spec):
             save_steps=0,
             seed=spec.seed,
         ),
-        # TRL's DPOTrainer scores the reference live (precompute_ref_log_probs=False): so does this run, whatever
-        # `auto` would pick, so each timed step does the same work in both tools.
-        dpo=DpoSection(beta=spec.beta, precompute_ref="false"),
+        # TRL's DPOTrainer scores the reference live (precompute_ref_log_probs=False): so does this run unless
+        # --precompute-ref asks for dpo-cli's cached reference, whatever `auto` would pick.
+        dpo=DpoSection(beta=spec.beta, precompute_ref="true" if spec.precompute_ref else "false"),
     )
 
 
@@ -91,6 +92,7 @@ def run_dpo_cli(spec: Spec) -> WorkerResult:
     import torch
     from rich.console import Console
 
+    from dpo_cli.model.attention_support import resolve_layout
     from dpo_cli.run.callbacks import MetricsLogger
     from dpo_cli.run.loop import fit
     from dpo_cli.run.setup import build_run
@@ -123,4 +125,6 @@ def run_dpo_cli(spec: Spec) -> WorkerResult:
         absolute_peak_mib=absolute_peak_mib(device),
         rss_before_training_mib=rss_before,
         setup_seconds=setup_seconds,
+        layout=run.layout,
+        auto_layout=resolve_layout("auto", run.model, spec.max_length)[0],
     )

@@ -44,9 +44,14 @@ class ModelSection:
     """Load the base 4-bit (bitsandbytes NF4, double quantization); false (--no-quantize): LoRA on a bf16/fp32 base."""
     compute_dtype: str = "auto"
     """auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32."""
-    gradient_checkpointing: bool = field(default=True, metadata={"flag": "--no-gradient-checkpointing"})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"flag": "--gradient-checkpointing/--no-gradient-checkpointing"}
+    )
     """Recompute activations in backward: much less memory for about a third more compute; off
     (--no-gradient-checkpointing) when the activations fit, for speed."""
+    compile: bool = field(default=False, metadata={"flag": "--compile"})
+    """train: torch.compile each decoder layer (the 4-bit matmuls stay bitsandbytes' own kernels). The first steps
+    pay the compile; it pays off on long runs on a GPU, not on CPU (bench/RESULTS.md)."""
     device: str = "auto"
     """auto (cuda if present, else cpu), cpu, cuda or cuda:N."""
     trust_remote_code: bool = False

@@ -1,8 +1,10 @@
 """Command-line options built from the recipe's own declarations: each flag is written once, beside its field.
 
 A recipe field that has a flag says so in its metadata, `field(default=0.1, metadata={"flag": "--beta"})`, and its
-help is the docstring written under it in config.py. `flag_in` names a command where the same setting goes by another
-flag (eval's `--batch-size` is `training.eval_batch_size`). A command lists the recipe keys it accepts:
+help is the docstring written under it in config.py. A bool field's flag is either one switch that sets the opposite of
+its default (`--no-quantize`) or a pair that sets either value (`--gradient-checkpointing/--no-gradient-checkpointing`).
+`flag_in` names a command where the same setting goes by another flag (eval's `--batch-size` is
+`training.eval_batch_size`). A command lists the recipe keys it accepts:
 
     @app.command()
     @recipe_flags("eval", "model.path", "dpo.beta", ...)
@@ -52,9 +54,14 @@ class RecipeFlag:
         return self.key.replace(".", "__")
 
     @property
+    def is_pair(self) -> bool:
+        """A bool flag declared as a pair, `--gradient-checkpointing/--no-gradient-checkpointing`, sets either value."""
+        return self.annotation is bool and "/" in self.flag
+
+    @property
     def negates(self) -> bool:
-        """A bool flag such as --no-quantize sets the opposite of the field's default."""
-        return self.annotation is bool
+        """A lone bool flag such as --no-quantize sets the opposite of the field's default."""
+        return self.annotation is bool and not self.is_pair
 
 
 def section_fields() -> dict[str, tuple[type, tuple[dataclasses.Field, ...]]]:
@@ -117,6 +124,8 @@ def _option(flag: RecipeFlag, required: bool) -> inspect.Parameter:
     section = flag.key.split(".")[0]
     if flag.negates:
         default, annotation = False, bool
+    elif flag.is_pair:
+        default, annotation = None, bool | None  # neither flag given: None, the recipe's value stands
     else:
         default, annotation = (... if required else None), flag.annotation | None
     option = typer.Option(

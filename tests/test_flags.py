@@ -48,7 +48,7 @@ def recipe_keys_of(command) -> dict[str, str]:
 
 
 def option_names(command) -> list[str]:
-    return [name for param in command.params for name in param.opts if name.startswith("-")]
+    return [name for param in command.params for name in param.opts + param.secondary_opts if name.startswith("-")]
 
 
 def test_the_commands_that_read_a_recipe_are_all_there():
@@ -64,7 +64,8 @@ def test_each_recipe_option_is_its_fields_declaration(path):
         if param.name not in keys:
             continue
         cls, item = fields()[keys[param.name]]
-        assert param.opts == [declared_flag(item, path)], param.opts  # the name the field declares, nothing else
+        names = param.opts + param.secondary_opts  # a bool pair's --no- half is its secondary option
+        assert names == declared_flag(item, path).split("/"), names  # the names the field declares, nothing else
         assert param.help.startswith(field_docs(cls)[item.name][:40].replace("[", "\\[")), param.help
 
 
@@ -72,14 +73,15 @@ def test_each_recipe_option_is_its_fields_declaration(path):
 def test_no_command_declares_a_recipe_flag_of_its_own(path):
     command = commands()[path]
     keys = recipe_keys_of(command)
-    recipe_flags = {declared_flag(item, path) for _, item in fields().values()} - {None}
+    declared = {declared_flag(item, path) for _, item in fields().values()} - {None}
+    recipe_flags = {name for flag in declared for name in flag.split("/")}
     for param in command.params:
         if param.name in keys or param.param_type_name != "option":
             continue
         for name in param.opts:
             if name in recipe_flags:
                 assert (path, name) in OWN_OPTIONS_NAMED_LIKE_A_FLAG, f"{path} {name}: declare it on the recipe field"
-                taken = [key for key in keys.values() if declared_flag(fields()[key][1], path) == name]
+                taken = [key for key in keys.values() if name in declared_flag(fields()[key][1], path).split("/")]
                 assert not taken, f"{path} {name}: also the flag of {taken}"
     assert "--set" in option_names(command)
     names = option_names(command)
@@ -130,6 +132,15 @@ def test_flags_reach_the_recipe_keys_they_declare(capsys, captured_overrides):
         "report": {"trackers": ["tensorboard"]},
         "lora": {"r": 8},
     }
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--gradient-checkpointing", True), ("--no-gradient-checkpointing", False)]
+)
+def test_a_bool_pair_sets_either_value(capsys, captured_overrides, flag, value):
+    """A recipe that turned checkpointing off can be turned back on from the command line, and the other way round."""
+    code, _, _ = run_cli_inprocess(capsys, "train", flag)
+    assert code == 2 and captured_overrides == {"model": {"gradient_checkpointing": value}}
 
 
 def test_flags_not_given_leave_the_recipe_alone(capsys, captured_overrides):

@@ -175,6 +175,23 @@ def add_lora(model, config: LoraSection, gradient_checkpointing: bool):
         raise UserError(f"recipe key lora.target_modules: {_first_line(error)}") from None
 
 
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer of the backbone in place (`model.compile`); the number compiled.
+
+    Layers, not the whole model: the scoring code calls the backbone and the LM head separately (the fused log-probs
+    never build the logits), and each layer is the same graph, so one compile serves them all. Shapes change with
+    every micro-batch, so the layers are compiled for dynamic shapes rather than recompiled per width."""
+    backbone, _ = backbone_and_head(model)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise UserError(
+            f"--compile: {type(backbone).__name__} keeps no decoder layers in `.layers`; run without --compile"
+        )
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def load_adapter(model, adapter_dir: Path, trainable: bool):
     from peft import PeftModel
 

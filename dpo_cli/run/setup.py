@@ -31,6 +31,7 @@ from dpo_cli.model.attention_support import resolve_layout
 from dpo_cli.model.load import (
     IGNORED_RECIPE_TRUST,
     add_lora,
+    compile_decoder_layers,
     load_base_model,
     load_tokenizer,
     resolve_device,
@@ -255,6 +256,8 @@ def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: 
         load_base_model(recipe.model, device, trust_remote_code), recipe.lora, recipe.model.gradient_checkpointing
     )
     model.train()
+    if recipe.model.compile:
+        console.print(f"compiling {compile_decoder_layers(model)} decoder layers (torch.compile, on the first steps)")
     layout, fallback_note = resolve_layout(recipe.data.layout, model, recipe.data.max_length)
     if fallback_note:
         console.print(fallback_note)
