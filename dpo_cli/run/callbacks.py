@@ -167,13 +167,15 @@ class Checkpointer(Callback):
 
     def on_loop_end(self, run: Run, result: TrainResult) -> None:
         if run.state.step > self.last_saved:
-            self.save(run)
+            # No report.png here: RunReport draws it moments later with the final evaluation (drawing is ~1 s).
+            self.save(run, report=False)
 
-    def save(self, run: Run) -> None:
+    def save(self, run: Run, report: bool = True) -> None:
         if is_main_process():
             with disk_full_as_user_error(f"the checkpoint of step {run.state.step}", RESUME_HINT):
                 save_checkpoint(run.output_dir, run.model, run.optimizer, run.scheduler, run.state, self.keep)
-            write_run_report(run.output_dir)  # report.png: the curves so far, at every checkpoint
+            if report:
+                write_run_report(run.output_dir)  # report.png: the curves so far, at every checkpoint
         self.last_saved = run.state.step  # only once saved: an interrupt during the save saves again
 
 

@@ -88,6 +88,21 @@ def _panels(path) -> dict[str, list[str]]:
     return {panel["title"]: panel["metrics"] for panel in metadata["panels"]}
 
 
+def test_the_last_checkpoint_leaves_the_drawing_to_the_end(untrained_tiny, tmp_path, monkeypatch):
+    """A run whose last step is not a save step is checkpointed after the loop; report.png is drawn once, at the
+    end with the final evaluation, not also at that checkpoint (drawing costs about a second)."""
+    from dpo_cli.run import callbacks as callbacks_module
+
+    drawn = []
+    original = callbacks_module.write_run_report
+    monkeypatch.setattr(callbacks_module, "write_run_report", lambda folder: drawn.append(folder) or original(folder))
+    out = tmp_path / "run"
+    _train(*_tiny_train_args(untrained_tiny, out, 2, "--set", "training.save_steps=0"))
+    assert drawn == [out]
+    assert any((out / "checkpoints").iterdir()), "the last checkpoint is still saved"
+    assert (out / "report.png").is_file()
+
+
 def test_train_draws_every_panel_at_each_checkpoint_and_at_the_end(eval_run):
     assert eval_run["drawn_at"] == [(2, False), (4, False), (4, True)], "checkpoints at 2 and 4, then the final eval"
     report = eval_run["dir"] / "report.png"
