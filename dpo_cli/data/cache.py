@@ -124,7 +124,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     post-processor and its BOS/EOS rules) or a slow one's vocabulary, plus special tokens and the chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        model = backend.to_str()
+        serialized = json.loads(backend.to_str())
+        # Padding and truncation are call-time state, not token ids: a tokenizer saved after padding a batch (the
+        # copy in an adapter folder) must name the same prepared data and reference log-probs as its base's.
+        serialized.pop("padding", None)
+        serialized.pop("truncation", None)
+        model = json.dumps(serialized, sort_keys=True)
     else:
         model = json.dumps(sorted(tokenizer.get_vocab().items()))
     parts = {

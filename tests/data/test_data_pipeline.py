@@ -121,6 +121,22 @@ def test_the_cache_is_reused_and_invalidated_by_data_tokenizer_and_max_length(re
     assert len(list((tmp_path / "cache" / "prepared").iterdir())) == 4
 
 
+def test_a_tokenizer_saved_after_padding_names_the_same_prepared_data(tokenizer, tmp_path):
+    """The adapter folder's copy of a tokenizer carries the padding state a batch left in it; `dpo-cli eval` with
+    that copy must find the data (and the reference log-probs) the training run prepared with the base's."""
+    from dpo_cli.data.cache import tokenizer_fingerprint
+    from dpo_cli.model.load import load_tokenizer
+
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(["a b", "a"], padding=True, truncation=True, max_length=8)  # leaves padding/truncation set
+    tokenizer.save_pretrained(tmp_path / "saved")
+    saved = load_tokenizer(str(tmp_path / "saved"))
+    assert '"padding": null' not in saved.backend_tokenizer.to_str(), "the saved copy must differ in padding"
+    assert tokenizer_fingerprint(saved) == tokenizer_fingerprint(tokenizer) == before
+    saved.add_tokens(["happy"])
+    assert tokenizer_fingerprint(saved) != before
+
+
 def test_a_different_chat_template_prepares_the_data_again(tokenizer, tmp_path):
     path = tmp_path / "chat.jsonl"
     record = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hey"}]}
