@@ -100,9 +100,39 @@ def cache_write_error(root: Path, error: OSError, always: bool = False) -> UserE
     return UserError(f"{root}: data cache: cannot write there ({error.strerror or error}); {CACHE_HINT}")
 
 
+_FINGERPRINTS_SEEN: dict[tuple, str] = {}
+"""This process's hashes of large files by (resolved path, size, mtime_ns, inode): a run asks for each data file's
+hash three times (the resume fingerprint, the prepared-data key, the model card), and a large file is read once."""
+REMEMBER_FROM_BYTES = 64 << 20
+"""Only files this large are remembered: rehashing a small one costs little, and a file's time may tick only every
+few ms, so a small file rewritten at once with the same size could keep its time; 64 MiB takes longer to write."""
+
+
 def file_fingerprint(path: Path) -> str:
     """A hash of the content of a file, or of every file (with its relative name) in a folder."""
     path = Path(path)
+    identity = _file_identity(path)
+    if identity is not None and identity in _FINGERPRINTS_SEEN:
+        return _FINGERPRINTS_SEEN[identity]
+    fingerprint = _content_hash(path)
+    if identity is not None:
+        _FINGERPRINTS_SEEN[identity] = fingerprint
+    return fingerprint
+
+
+def _file_identity(path: Path) -> tuple | None:
+    """What changes when a large regular file is rewritten; None for a small file, or a folder (its own times miss
+    its files' changes)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None  # _content_hash says what is wrong
+    if not path.is_file() or stat.st_size < REMEMBER_FROM_BYTES:
+        return None
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def _content_hash(path: Path) -> str:
     digest = hashlib.blake2b(digest_size=16)
     try:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

@@ -265,3 +265,26 @@ def test_train_and_eval_read_conversational_files_with_a_chat_template(tmp_path,
     )  # fmt: skip
     assert code == 0, stderr
     assert "eval data: 55 pairs (sharegpt; prepared in" in " ".join(stdout.split())
+
+
+def test_a_large_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """The resume fingerprint, the prepared-data key and the model card each ask for a data file's hash."""
+    from dpo_cli.data import cache
+
+    monkeypatch.setattr(cache, "REMEMBER_FROM_BYTES", 4)
+    monkeypatch.setattr(cache, "_FINGERPRINTS_SEEN", {})
+    reads = []
+    original = cache._content_hash
+    monkeypatch.setattr(cache, "_content_hash", lambda path: reads.append(path) or original(path))
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(b"first content")
+    first = cache.file_fingerprint(data)
+    assert cache.file_fingerprint(data) == first and len(reads) == 1
+    data.write_bytes(b"other content")
+    os.utime(data, ns=(1, 1))  # a new time, as any rewrite that is not within the same clock tick has
+    assert cache.file_fingerprint(data) != first and len(reads) == 2
+    small = tmp_path / "tiny.jsonl"
+    small.write_bytes(b"abc")  # under the threshold: read every time
+    cache.file_fingerprint(small)
+    cache.file_fingerprint(small)
+    assert len(reads) == 4
