@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dpo_cli.errors import UserError
 from dpo_cli.files import write_bytes_atomic
-from dpo_cli.run.run_folder import Run, read_run, read_runs
+from dpo_cli.run.run_folder import RunFolder, read_run, read_runs
 
 REPORT_FILE = "report.png"
 FORMATS = (".png", ".svg", ".pdf")
@@ -76,7 +76,7 @@ class ReportFigure:
 # Drawing ------------------------------------------------------------------------------------------------------------
 
 
-def _line_style(runs: list[Run], run_index: int, series_index: int, series: Series) -> dict:
+def _line_style(runs: list[RunFolder], run_index: int, series_index: int, series: Series) -> dict:
     marker = EVAL_MARKERS[series_index % len(EVAL_MARKERS)]
     if len(runs) > 1:
         linestyle = SERIES_STYLES[series_index % len(SERIES_STYLES)]
@@ -85,7 +85,7 @@ def _line_style(runs: list[Run], run_index: int, series_index: int, series: Seri
     return {"color": colour, "linestyle": "-", "marker": marker}
 
 
-def _draw_series(ax, run: Run, series: Series, style: dict, with_eval: bool, solo: bool) -> list[str]:
+def _draw_series(ax, run: RunFolder, series: Series, style: dict, with_eval: bool, solo: bool) -> list[str]:
     """Draw one series of one run (train line, eval points); the metric names drawn."""
     scale = 1.0 / run.beta if series.per_beta else 1.0
     style = dict(style)
@@ -130,7 +130,7 @@ def _style_legend(ax, panel: Panel, with_eval: bool) -> None:
         ax.legend(handles=handles, fontsize=8)
 
 
-def _draw_panel(ax, panel: Panel, runs: list[Run]) -> dict:
+def _draw_panel(ax, panel: Panel, runs: list[RunFolder]) -> dict:
     from matplotlib.ticker import MaxNLocator
 
     solo = len(runs) == 1
@@ -158,7 +158,7 @@ def _draw_panel(ax, panel: Panel, runs: list[Run]) -> dict:
     return {"title": panel.title, "metrics": metrics, "per_beta": panel.series[0].per_beta}
 
 
-def _title(runs: list[Run]) -> str:
+def _title(runs: list[RunFolder]) -> str:
     if len(runs) > 1:
         return " vs ".join(run.name for run in runs)
     run = runs[0]
@@ -176,7 +176,7 @@ def output_format(path: Path) -> str:
     return suffix[1:]
 
 
-def draw_report(runs: list[Run], path: Path) -> ReportFigure:
+def draw_report(runs: list[RunFolder], path: Path) -> ReportFigure:
     """Draw every panel for `runs` (one colour per run when several) into `path` (.png, .svg or .pdf), atomically."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -255,7 +255,7 @@ def _step_seconds(train_records: list[dict]) -> list[float]:
     return seconds
 
 
-def _best(run: Run, metric: str, lowest: bool) -> tuple[float, int] | None:
+def _best(run: RunFolder, metric: str, lowest: bool) -> tuple[float, int] | None:
     steps, values = run.points(metric)
     pairs = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
     if not pairs:
@@ -263,7 +263,7 @@ def _best(run: Run, metric: str, lowest: bool) -> tuple[float, int] | None:
     return min(pairs) if lowest else max(pairs, key=lambda pair: (pair[0], -pair[1]))
 
 
-def summarize(run: Run) -> RunSummary:
+def summarize(run: RunFolder) -> RunSummary:
     train = run.train_records
     last = train[-1]
     evals = [r for r in run.records if "eval_loss" in r]

@@ -14,7 +14,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
-class Run:
+class RunFolder:
     """One run folder's records, and what its recipe says about drawing them."""
 
     name: str
@@ -75,7 +75,7 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def read_run(folder: Path, name: str | None = None) -> Run:
+def read_run(folder: Path, name: str | None = None) -> RunFolder:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder; pass the --output-dir of a `dpo-cli train` run")
@@ -84,7 +84,7 @@ def read_run(folder: Path, name: str | None = None) -> Run:
         raise UserError(f"{folder / METRICS_FILE}: no training step recorded yet; draw it after the first step")
     recipe_path = folder / RECIPE_FILENAME
     recipe = read_recipe_file(recipe_path) if recipe_path.exists() else {}
-    return Run(name or folder.name, folder, records, recipe)
+    return RunFolder(name or folder.name, folder, records, recipe)
 
 
 def run_names(folders: list[Path]) -> list[str]:
@@ -95,5 +95,5 @@ def run_names(folders: list[Path]) -> list[str]:
     return [f"{Path(f).resolve().parent.name}/{Path(f).resolve().name}" for f in folders]
 
 
-def read_runs(folders: list[Path]) -> list[Run]:
+def read_runs(folders: list[Path]) -> list[RunFolder]:
     return [read_run(folder, name) for folder, name in zip(folders, run_names(folders), strict=True)]

@@ -9,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-from dpo_cli.run.report import METADATA_KEY, PANELS, Run, summarize
-from dpo_cli.run.run_folder import read_metrics
+from dpo_cli.run.report import METADATA_KEY, PANELS, summarize
+from dpo_cli.run.run_folder import RunFolder, read_metrics
 from tests.conftest import run_cli_inprocess
 
 TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "grad_norm")
@@ -355,7 +355,7 @@ def test_drift_is_not_drawn_for_a_reference_free_run(tmp_path):
     from dpo_cli.run.report import draw_report
 
     record = {"step": 1, "loss": 0.7, "rewards/chosen": -2.0, "rewards/rejected": -2.5}
-    run = Run("simpo", tmp_path, [record], {"dpo": {"reference_free": True, "beta": 2.0}})
+    run = RunFolder("simpo", tmp_path, [record], {"dpo": {"reference_free": True, "beta": 2.0}})
     panels = _panels(draw_report([run], tmp_path / "simpo.png").path)
     assert panels["drift from the reference"] == []
     assert panels["chosen and rejected rewards"] == ["rewards/chosen", "rewards/rejected"]
