@@ -50,13 +50,14 @@ def train(
     from dpo_cli.config import load_recipe
     from dpo_cli.run.distributed import is_main_process
     from dpo_cli.run.loop import train as run_training
-    from dpo_cli.run.model_card import write_model_card
 
     resolved = load_recipe(recipe, overrides)
-    result = run_training(resolved, resume=resume, console=console, trust_remote_code=trust_remote_code)
-    if not is_main_process():  # under torchrun the main process writes and reports for the job
+    command = shlex.join(["dpo-cli", *sys.argv[1:]])
+    result = run_training(
+        resolved, resume=resume, console=console, trust_remote_code=trust_remote_code, command=command
+    )
+    if not is_main_process():  # under torchrun the main process reports for the job
         return
-    write_model_card(result.output_dir, command=shlex.join(["dpo-cli", *sys.argv[1:]]))
     last = result.records[-1] if result.records else {}
     summary = f"done: {result.steps} steps, adapter in {result.output_dir}"
     if last:

@@ -22,6 +22,7 @@ from dpo_cli.run import distributed
 from dpo_cli.run.checkpoint import save_checkpoint
 from dpo_cli.run.distributed import is_main_process
 from dpo_cli.run.evaluate import evaluate_pairs
+from dpo_cli.run.model_card import write_model_card
 from dpo_cli.run.report import write_run_report
 from dpo_cli.run.setup import RESUME_HINT, Run
 
@@ -212,7 +213,19 @@ class RunReport(Callback):
             write_run_report(run.output_dir)
 
 
-def default_callbacks(run: Run, console: Console) -> list[Callback]:
+class ModelCard(Callback):
+    """README.md, the model card, last: it quotes the final metrics and report.png, and `command` (what ran)."""
+
+    def __init__(self, command: str | None):
+        self.command = command
+
+    def on_end(self, run: Run, result: TrainResult) -> None:
+        if is_main_process():
+            with disk_full_as_user_error(f"the model card in {run.output_dir}", RESUME_HINT):
+                write_model_card(run.output_dir, command=self.command)
+
+
+def default_callbacks(run: Run, console: Console, command: str | None = None) -> list[Callback]:
     """What `dpo-cli train` does around its steps, in the order that matters (see the module docstring)."""
     training = run.recipe.training
     return [
@@ -222,4 +235,5 @@ def default_callbacks(run: Run, console: Console) -> list[Callback]:
         Checkpointer(training.save_steps, training.save_total_limit),
         FinalAdapter(),
         RunReport(),
+        ModelCard(command),
     ]

@@ -181,9 +181,15 @@ def _steps(run: Run, callbacks: list[Callback], result: TrainResult) -> None:
 
 
 def train(
-    recipe: Recipe, resume: bool = False, console: Console | None = None, trust_remote_code: bool = False
+    recipe: Recipe,
+    resume: bool = False,
+    console: Console | None = None,
+    trust_remote_code: bool = False,
+    command: str | None = None,
 ) -> TrainResult:
     """Run `recipe` while holding its output folder: a second run into the same folder refuses until this one ends.
+    Every output, the model card (which quotes `command`, the command line that ran) included, is written while the
+    folder is held.
 
     Remote code runs only with `trust_remote_code`, given by the caller (the command line); the recipe's
     model.trust_remote_code never grants it.
@@ -203,6 +209,6 @@ def train(
                 run.output_dir.mkdir(parents=True, exist_ok=True)
                 with disk_full_as_user_error(str(run.output_dir / RECIPE_FILENAME), "rerun"):
                     recipe.save(run.output_dir / RECIPE_FILENAME)
-            return fit(run, default_callbacks(run, console))
+            return fit(run, default_callbacks(run, console, command))
         finally:
             run.metrics_log.close()  # finishes the trackers' runs, after Ctrl-C or divergence too

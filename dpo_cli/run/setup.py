@@ -63,7 +63,7 @@ from dpo_cli.run.resume_settings import (
 from dpo_cli.run.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
-OUR_TEMPORARIES = r"final|metrics\.jsonl|recipe\.yaml|train_summary\.txt|skipped-\w+\.jsonl"
+OUR_TEMPORARIES = r"final|metrics\.jsonl|recipe\.yaml|train_summary\.txt|skipped-\w+\.jsonl|README\.md|report\.png"
 """What a killed run may leave as `.NAME.{pid}.{random}.tmp` in its output folder (see files.py)."""
 RESUME_HINT = "rerun with --resume"
 

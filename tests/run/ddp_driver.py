@@ -75,7 +75,7 @@ def run_job(job: dict) -> int:
     from dpo_cli.cli import main
 
     defaults = loop.default_callbacks
-    loop.default_callbacks = lambda run, console: [*defaults(run, console), Watch(job)]
+    loop.default_callbacks = lambda run, console, *more: [*defaults(run, console, *more), Watch(job)]
     sys.argv = ["dpo-cli", "train", *map(str, job["args"])]
     try:
         main()

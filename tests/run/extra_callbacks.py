@@ -9,7 +9,11 @@ from dpo_cli.run.callbacks import Callback
 def add_callback(monkeypatch, callback: Callback) -> None:
     """Runs `callback` after the default callbacks in every `train` of this test (so after the checkpointer)."""
     defaults = loop.default_callbacks
-    monkeypatch.setattr(loop, "default_callbacks", lambda run, console: [*defaults(run, console), callback])
+
+    def with_callback(run, console, *more):
+        return [*defaults(run, console, *more), callback]
+
+    monkeypatch.setattr(loop, "default_callbacks", with_callback)
 
 
 class InterruptBefore(Callback):

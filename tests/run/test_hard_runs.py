@@ -310,6 +310,21 @@ def test_stale_temporaries_of_dead_processes_go_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive, *others])
 
 
+def test_a_train_start_removes_what_killed_writes_of_its_own_files_left(tmp_path):
+    """Every file train writes atomically in its folder, the model card and report.png too, is one the next start
+    cleans up after when a kill left its temporary."""
+    from dpo_cli.run.setup import _remove_stale_temporaries
+
+    dead = _dead_pid()
+    targets = ["README.md", "report.png", "recipe.yaml", "metrics.jsonl", "train_summary.txt", "final"]
+    stale = [f".{name}.{dead}.abcdefgh.tmp" for name in targets]
+    for name in stale:
+        (tmp_path / name).write_text("cut short")
+    (tmp_path / "notes.md").write_text("the user's")
+    _remove_stale_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.md"]
+
+
 def test_a_replacement_killed_between_its_renames_puts_the_old_folder_back(tmp_path):
     from dpo_cli.files import remove_stale_temporaries
 
