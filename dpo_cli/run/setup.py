@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ class DataStream:
     batch_size: int
     seed: int
     budget_batches: list[list[int]] | None = None
+    _order: tuple[int, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def per_epoch(self) -> int:
@@ -88,12 +89,23 @@ class DataStream:
 
     def indices(self, micro_batch: int) -> list[int]:
         epoch, position = divmod(micro_batch, self.per_epoch)
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = self._epoch_order(epoch)
         if self.budget_batches is not None:
-            order = torch.randperm(self.per_epoch, generator=generator)
             return list(self.budget_batches[int(order[position])])
-        order = torch.randperm(self.num_pairs, generator=generator)
         return order[position * self.batch_size : (position + 1) * self.batch_size].tolist()
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The epoch's seeded permutation (of pairs, or of budget batches), kept for the next micro-batches: each
+        step asks for several, and a permutation of a large data set is not free."""
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = (
+                epoch,
+                torch.randperm(
+                    self.per_epoch if self.budget_batches is not None else self.num_pairs, generator=generator
+                ),
+            )
+        return self._order[1]
 
 
 @dataclass
@@ -238,7 +250,8 @@ def _resume_state(run: Run, checkpoint: Path, multiplier, console: Console) -> N
 
 
 def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console):
-    """(checkpoint to resume or None, the run's fixed settings, trackers): every refusal that needs no model."""
+    """(checkpoint to resume or None, its saved state or None, the run's fixed settings, trackers): every refusal
+    that needs no model."""
     output_dir = Path(recipe.training.output_dir)
     checkpoint = _checkpoint_to_resume(output_dir, resume)
     trackers = Trackers(output_dir, recipe.report, recipe.to_dict())  # a missing package fails here
@@ -246,9 +259,10 @@ def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console)
         console.print(f"no checkpoint in {output_dir}; starting from the beginning")
     _remove_stale_temporaries(output_dir)
     settings = fixed_settings(recipe)
-    if checkpoint is not None:  # before any model is loaded: a changed setting fails in seconds
-        refuse_changed_fixed_settings(checkpoint, read_state(checkpoint).fixed_settings, settings)
-    return checkpoint, settings, trackers
+    saved = None if checkpoint is None else read_state(checkpoint)
+    if saved is not None:  # before any model is loaded: a changed setting fails in seconds
+        refuse_changed_fixed_settings(checkpoint, saved.fixed_settings, settings)
+    return checkpoint, saved, settings, trackers
 
 
 def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: Console):
@@ -284,21 +298,20 @@ def build_run(
         console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")
     recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted
     output_dir = Path(recipe.training.output_dir)
-    checkpoint, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
+    checkpoint, saved, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
     _set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model.path, trust_remote_code)
     with distributed.main_process_first():  # rank 0 prepares the data cache, the others then read it
         train_pairs, summary, eval_pairs, eval_summary = _load_data(recipe, tokenizer, output_dir, console)
     settings[TRAIN_PAIRS] = len(train_pairs)
-    if checkpoint is not None:  # the same files can still give other pairs (a changed tokenizer)
-        saved = read_state(checkpoint).fixed_settings
-        refuse_changed_fixed_settings(checkpoint, saved, {TRAIN_PAIRS: settings[TRAIN_PAIRS]})
+    if saved is not None:  # the same files can still give other pairs (a changed tokenizer)
+        refuse_changed_fixed_settings(checkpoint, saved.fixed_settings, {TRAIN_PAIRS: settings[TRAIN_PAIRS]})
     model, layout = _model_and_layout(recipe, device, trust_remote_code, console)
     training = recipe.training
     budget = training.max_tokens_per_batch
     budget_batches = token_budget_batches(tokens_per_pair(train_pairs), budget) if budget else None
     stream = DataStream(len(train_pairs), training.batch_size, training.seed, budget_batches)
-    total = total_steps(recipe, stream, read_state(checkpoint) if checkpoint is not None else None)
+    total = total_steps(recipe, stream, saved)
     evaluation = None if eval_pairs is None else (eval_pairs, eval_summary)
     visits_every_pair = total * training.grad_accum * distributed.world_size() >= stream.per_epoch
     # Rank 0 reads or builds the cache entries; the others then find them built and read them (or, when it keeps the
