@@ -16,6 +16,7 @@ import torch
 from dpo_cli.config import LoraSection, ModelSection
 from dpo_cli.dpo.scoring import ScoringModel
 from dpo_cli.errors import UserError
+from dpo_cli.model.base_weights import check_loading_info, check_weights_match_config, is_loading_report_error, short
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +105,7 @@ def load_base_model(config: ModelSection, device: torch.device, trust_remote_cod
 
     `trust_remote_code` comes from the command line; `config.trust_remote_code` (a recipe key) is never read.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     _quiet_transformers()
     _check_model_path(config.path)
@@ -118,12 +119,7 @@ def load_base_model(config: ModelSection, device: torch.device, trust_remote_cod
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(config.path, **kwargs)
-    except OSError as error:
-        raise UserError(f"{config.path}: cannot load the model ({_first_line(error)})") from None
-    except ValueError as error:
-        raise _remote_code_refused(config.path, error) from None
+    model = load_pretrained(config.path, **kwargs)
     if not config.quantize:
         model.to(device)
     _disable_bnb_cpu_repacking(model)
@@ -131,6 +127,32 @@ def load_base_model(config: ModelSection, device: torch.device, trust_remote_cod
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
+    return model
+
+
+def load_pretrained(path: str, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` for a base only if its weight files fill the model its
+    config describes (checked before anything is allocated, and again on what transformers reports); otherwise one
+    line. Every command that loads a base goes through here."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        check_weights_match_config(path, kwargs.get("trust_remote_code", False))
+        model, loading_info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except OSError as error:
+        raise UserError(f"{path}: cannot load the model ({_first_line(error)})") from None
+    except ValueError as error:
+        raise _remote_code_refused(path, error) from None
+    except StrictDataclassError as error:
+        raise UserError(f"{path}/config.json: not a model config transformers can read ({short(error)})") from None
+    except RuntimeError as error:
+        if not is_loading_report_error(error):
+            raise
+        raise UserError(
+            f"{path}: the weight files do not fit the model config.json describes ({short(error)})"
+        ) from None
+    check_loading_info(path, loading_info)
     return model
 
 
