@@ -80,6 +80,7 @@ def data_check(
 
     from dpo_cli.config import recipe_from_dict
     from dpo_cli.data.check import check_files, has_problems
+    from dpo_cli.files import standard_json
     from dpo_cli.model.load import load_tokenizer
     from dpo_cli.run.data_report import print_check_report, progress_to
 
@@ -89,7 +90,7 @@ def data_check(
     tokenizer = load_tokenizer(model, trust_remote_code) if model is not None else None
     report = check_files([str(f) for f in files], recipe.data, tokenizer, model, progress_to(progress))
     if as_json:
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        print(json.dumps(standard_json(report), indent=2, ensure_ascii=False, allow_nan=False))
     else:
         print_check_report(report, console)
     if has_problems(report):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import secrets
@@ -219,3 +220,16 @@ def read_user_text(path: Path | str, what: str, hint: str) -> str:
         raise UserError(f"{path}: {what} not found; {hint}") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: cannot read the {what} ({error.__class__.__name__}); {hint}") from None
+
+
+def standard_json(value):
+    """`value` with every NaN or infinity as None, so `json.dumps(..., allow_nan=False)` writes standard JSON:
+    Python's default `NaN` and `Infinity` tokens are not JSON, and strict readers (jq, browsers, other languages)
+    refuse the whole file. Dicts, lists and tuples are walked; anything else is returned as it is."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: standard_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [standard_json(item) for item in value]
+    return value

@@ -12,10 +12,12 @@ import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from dpo_cli.config import RECIPE_FILENAME, Recipe, merge_overrides, read_recipe_file, recipe_from_dict
 from dpo_cli.errors import UserError
+from dpo_cli.model.base_weights import short, some_keys
 from dpo_cli.model.load import (
     IGNORED_RECIPE_TRUST,
     load_adapter,
@@ -72,6 +74,7 @@ def open_adapter(
         )
     if not adapter_shapes(adapter_dir):
         raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: holds no LoRA weights; the adapter folder is damaged")
+    check_adapter_weights_finite(adapter_dir)
     recipe_path = adapter_dir / RECIPE_FILENAME
     if recipe_path.is_file():
         values = read_recipe_file(recipe_path)
@@ -123,6 +126,26 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
     except (SafetensorError, OSError) as error:  # empty, truncated, or not safetensors at all
         raise UserError(f"{path}: not a readable safetensors file ({error}); the adapter folder is damaged") from None
     return {module: (in_out[0], in_out[1]) for module, in_out in shapes.items()}
+
+
+def check_adapter_weights_finite(adapter_dir: Path, what_to_do: str = "the adapter folder is damaged") -> None:
+    """Every weight in the adapter file is a finite number: a NaN or inf would make every log-prob, metric and
+    merged weight NaN without a word. Every command that loads an adapter (eval, merge-adapter, train --resume)
+    calls this first; the file is read one tensor at a time (LoRA weights are small)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    bad = []
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            for key in weights.keys():
+                tensor = weights.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad.append(key.removeprefix(_KEY_PREFIX))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({short(error)}); {what_to_do}") from None
+    if bad:
+        raise UserError(f"{path}: {len(bad)} weight(s) are not finite (NaN or inf: {some_keys(bad)}); {what_to_do}")
 
 
 def check_adapter_fits(base_model, adapter_dir: Path, base_path: str) -> None:

@@ -14,6 +14,7 @@ name, checked (its logits against the 4-bit base + adapter), and only then renam
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from rich.console import Console
 from dpo_cli.errors import UserError
 from dpo_cli.files import atomic_directory, disk_full_as_user_error, remove_stale_temporaries
 from dpo_cli.model.adapter import ADAPTER_NAME, TrainedAdapter, load_base_tokenizer, load_policy, open_adapter
+from dpo_cli.model.base_weights import some_keys
+from dpo_cli.model.load import load_pretrained
 from dpo_cli.output_folder import (
     check_folder_is_ours,
     check_placeable,
@@ -163,11 +166,31 @@ def fold_adapter(policy, plain, base_weights: str) -> tuple[int, int]:
 
 def load_plain_base(adapter: TrainedAdapter):
     """The checkpoint in its own dtype on the CPU: no quantization, no PEFT."""
-    from transformers import AutoModelForCausalLM
+    return load_pretrained(adapter.base_path, dtype="auto", trust_remote_code=adapter.trust_remote_code)
 
-    return AutoModelForCausalLM.from_pretrained(
-        adapter.base_path, dtype="auto", trust_remote_code=adapter.trust_remote_code
-    )
+
+def check_finite_weights(model, output: Path) -> None:
+    """Nothing is written from a NaN or inf: the merged model would compute NaN, and a merged folder looks final."""
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise UserError(
+            f"--output {output}: not written: {len(bad)} merged weight(s) are not finite (NaN or inf: "
+            f"{some_keys(bad)}); check the base model and the adapter, or merge with a wider --dtype"
+        )
+
+
+def check_self_check(diff: float, output: Path) -> None:
+    """The merged model's logits must be numbers; the comparison is written so that a NaN fails it (NaN <= x is
+    False), never passes it."""
+    if not (diff < math.inf):  # `diff >= inf` would let a NaN through
+        raise UserError(
+            f"--output {output}: not written: the self-check of the merged model gave {diff} (its logits are not "
+            "finite numbers); check the base model and the adapter"
+        )
 
 
 def probe_ids(vocab_size: int) -> torch.Tensor:
@@ -182,11 +205,10 @@ def logits_on(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def merged_logit_diff(folder: Path, dtype: str, policy_logits: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """Max |logit| difference of the model as written in `folder` against the policy's logits."""
-    from transformers import AutoModelForCausalLM
-
-    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
-    return float((logits_on(merged, input_ids) - policy_logits).abs().max())
+    """Max |logit| difference of the model as written in `folder` against the policy's logits; NaN if any is."""
+    merged = load_pretrained(str(folder), dtype=getattr(torch, dtype))
+    difference = (logits_on(merged, input_ids) - policy_logits).abs()
+    return math.nan if bool(difference.isnan().any()) else float(difference.max())
 
 
 def remove_stale_merge_temporaries(output: Path) -> None:
@@ -221,6 +243,7 @@ def _merge_into(adapter: TrainedAdapter, options: MergeOptions) -> tuple[float, 
     plain = load_plain_base(adapter)
     merged, dequantized_count = fold_adapter(policy, plain, options.base_weights)
     plain.to(getattr(torch, options.dtype))
+    check_finite_weights(plain, options.output)  # after the cast: a weight beyond float16's range becomes inf
     with (
         disk_full_as_user_error(f"the merged model into {options.output}", "rerun merge-adapter"),
         atomic_directory(Path(options.output), replace=True, owner_in_name=True) as staging,
@@ -231,4 +254,5 @@ def _merge_into(adapter: TrainedAdapter, options: MergeOptions) -> tuple[float, 
         honour_umask(staging)
         del plain  # the check reads the files back; keep one copy of the weights in memory
         diff = merged_logit_diff(staging, options.dtype, policy_logits, input_ids)
+        check_self_check(diff, options.output)  # inside: a failed check removes the staging folder
     return diff, merged, dequantized_count

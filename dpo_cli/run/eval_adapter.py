@@ -21,13 +21,13 @@ from rich.table import Table
 
 from dpo_cli.data.split import SplitRequest
 from dpo_cli.errors import UserError
-from dpo_cli.files import write_text_atomic
+from dpo_cli.files import standard_json, write_text_atomic
 from dpo_cli.model.adapter import load_base_tokenizer, load_policy, open_adapter
 from dpo_cli.model.attention_support import resolve_layout
 from dpo_cli.output_folder import check_placeable, is_replaceable_output, is_within
 from dpo_cli.run.data_report import load_split
 from dpo_cli.run.evaluate import evaluate_pairs
-from dpo_cli.run.generate import distinct_prompts, sample_side_by_side
+from dpo_cli.run.generate import distinct_prompts, new_token_budget, sample_side_by_side
 from dpo_cli.run.reference import SplitPairs, split_reference_logps
 
 
@@ -123,7 +123,8 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    lines = (json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n" for row in rows)
+    rows = standard_json(rows)  # NaN and infinity are not JSON: null
+    lines = (json.dumps(row, ensure_ascii=False, allow_nan=False).translate(_LINE_BREAKS) + "\n" for row in rows)
     write_text_atomic(path, "".join(lines))
 
 
@@ -216,9 +217,13 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
     report = EvalReport(result, _write_outputs(options, result, pairs, per_pair))
     if options.generate:
         indices = distinct_prompts(pairs, options.generate)
+        lengths = [len(pairs[index]["prompt_ids"]) for index in indices]
+        max_new_tokens, capped_note = new_token_budget(model, lengths, options.max_new_tokens)
+        if capped_note:
+            console.print(capped_note, style="yellow", markup=False)
         with _advancing("sample", len(indices), console) as advance:
             rows = sample_side_by_side(
-                model, tokenizer, pairs, indices, options.max_new_tokens, options.seed, batch_size, advance
+                model, tokenizer, pairs, indices, max_new_tokens, options.seed, batch_size, advance
             )
         write_jsonl(options.samples, rows)
         report.written.append(f"{len(rows)} prompts sampled from policy and reference, written to {options.samples}")
@@ -229,7 +234,7 @@ def _write_outputs(options: EvalOptions, result: dict, pairs, per_pair: list[dic
     """--output and --per-example; one line for each file written."""
     written = []
     if options.output is not None:
-        write_text_atomic(options.output, json.dumps(result, indent=2) + "\n")
+        write_text_atomic(options.output, json.dumps(standard_json(result), indent=2, allow_nan=False) + "\n")
         written.append(f"metrics written to {options.output}")
     if per_pair is not None:
         sources = list(pairs["source"])

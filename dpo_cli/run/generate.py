@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from dpo_cli.errors import UserError
 from dpo_cli.model.load import reference_mode
 
 
@@ -26,6 +27,28 @@ def distinct_prompts(pairs: Sequence[Mapping], count: int) -> list[int]:
             if len(indices) == count:
                 break
     return indices
+
+
+def new_token_budget(model, prompt_lengths: list[int], requested: int) -> tuple[int, str | None]:
+    """(new tokens to sample, a note when fewer than `requested`): a model attends to at most
+    max_position_embeddings positions, and sampling past them runs for minutes to give text the model never saw
+    the like of. Prompts are left-padded to the longest, so the longest one sets the room left."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not isinstance(context, int) or isinstance(context, bool) or context <= 0:
+        return requested, None  # a model without a fixed context: nothing to cap against
+    longest = max(prompt_lengths, default=0)
+    room = context - longest
+    if room <= 0:
+        raise UserError(
+            f"--generate: the longest prompt sampled ({longest} tokens) fills the model's whole context "
+            f"({context} tokens, max_position_embeddings); lower data.max_length or --generate"
+        )
+    if requested <= room:
+        return requested, None
+    return room, (
+        f"--max-new-tokens {requested}: capped at {room}, what the model's {context}-token context "
+        f"(max_position_embeddings) leaves after the longest prompt sampled ({longest} tokens)"
+    )
 
 
 def left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

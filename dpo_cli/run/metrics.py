@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dpo_cli.errors import UserError
-from dpo_cli.files import write_text_atomic
+from dpo_cli.files import standard_json, write_text_atomic
 from dpo_cli.run.distributed import average_metrics, is_main_process
 from dpo_cli.run.trackers import Trackers
 
@@ -102,7 +102,7 @@ class MetricsLog:
             return
         record = {**record, "time": round(time.time(), 3)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(record) + "\n").encode("utf-8")
+        data = (json.dumps(standard_json(record), allow_nan=False) + "\n").encode("utf-8")  # NaN is not JSON: null
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             size = os.fstat(fd).st_size
