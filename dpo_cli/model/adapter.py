@@ -9,6 +9,7 @@ size-mismatch traceback, or quietly give fresh (zero) LoRA layers to modules the
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from rich.console import Console
 
 from dpo_cli.config import RECIPE_FILENAME, Recipe, merge_overrides, read_recipe_file, recipe_from_dict
 from dpo_cli.errors import UserError
-from dpo_cli.model.base_weights import short, some_keys
+from dpo_cli.model.base_weights import FLOAT_DTYPES, short, some_keys
 from dpo_cli.model.load import (
     IGNORED_RECIPE_TRUST,
     load_adapter,
@@ -32,6 +33,9 @@ from dpo_cli.output_folder import file_above
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "default"  # the name PEFT gives the one adapter of a folder it loads
 _KEY_PREFIX = "base_model.model."
+DAMAGED = "the adapter folder is damaged"
+# LoRA switches PEFT reads as true/false; a string there ("yes") is truthy to PEFT and fails deep inside it.
+_FLAGS = ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode", "use_qalora")
 
 
 @dataclass
@@ -74,7 +78,7 @@ def open_adapter(
         )
     if not adapter_shapes(adapter_dir):
         raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: holds no LoRA weights; the adapter folder is damaged")
-    check_adapter_weights_finite(adapter_dir)
+    check_adapter_weights(adapter_dir)
     recipe_path = adapter_dir / RECIPE_FILENAME
     if recipe_path.is_file():
         values = read_recipe_file(recipe_path)
@@ -106,7 +110,13 @@ def check_adapter_config(adapter_dir: Path) -> None:
         raise UserError(f"{where}: key lora_alpha is {alpha!r}, not a positive number; the adapter folder is damaged")
     targets = config.get("target_modules")
     if not targets or not isinstance(targets, (str, list)):
-        raise UserError(f"{where}: key target_modules is {targets!r}; the adapter folder is damaged")
+        raise UserError(f"{where}: key target_modules is {short(repr(targets))}; the adapter folder is damaged")
+    dropout = config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise UserError(f"{where}: key lora_dropout is {short(repr(dropout))}, not a number in [0, 1); {DAMAGED}")
+    for key in _FLAGS:
+        if not isinstance(config.get(key, False), bool):
+            raise UserError(f"{where}: key {key} is {short(repr(config[key]))}, not true or false; {DAMAGED}")
 
 
 def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
@@ -128,24 +138,59 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
     return {module: (in_out[0], in_out[1]) for module, in_out in shapes.items()}
 
 
-def check_adapter_weights_finite(adapter_dir: Path, what_to_do: str = "the adapter folder is damaged") -> None:
-    """Every weight in the adapter file is a finite number: a NaN or inf would make every log-prob, metric and
-    merged weight NaN without a word. Every command that loads an adapter (eval, merge-adapter, train --resume)
-    calls this first; the file is read one tensor at a time (LoRA weights are small)."""
+def check_adapter_weights(adapter_dir: Path, what_to_do: str = "the adapter folder is damaged") -> None:
+    """The adapter file holds what PEFT will load, and only numbers: every key a LoRA A or B weight, floats, each
+    module's A and B of one rank (adapter_config.json's r), and every value finite. A NaN or inf would make every
+    log-prob, metric and merged weight NaN without a word; a rank that is not the file's would make PEFT allocate
+    r x in_features before it failed. Every command that loads an adapter goes through here first (eval,
+    merge-adapter, train --resume); the file is read one tensor at a time (LoRA weights are small)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
-    bad = []
+    not_finite = []
     try:
         with safe_open(str(path), framework="pt") as weights:
+            _check_lora_layout(path, {key: weights.get_slice(key) for key in weights.keys()}, adapter_dir, what_to_do)
             for key in weights.keys():
-                tensor = weights.get_tensor(key)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    bad.append(key.removeprefix(_KEY_PREFIX))
+                if not bool(torch.isfinite(weights.get_tensor(key)).all()):
+                    not_finite.append(key.removeprefix(_KEY_PREFIX))
     except (SafetensorError, OSError) as error:
         raise UserError(f"{path}: not a readable safetensors file ({short(error)}); {what_to_do}") from None
-    if bad:
-        raise UserError(f"{path}: {len(bad)} weight(s) are not finite (NaN or inf: {some_keys(bad)}); {what_to_do}")
+    if not_finite:
+        raise UserError(
+            f"{path}: {len(not_finite)} weight(s) are not finite (NaN or inf: {some_keys(not_finite)}); {what_to_do}"
+        )
+
+
+_LORA_WEIGHT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+def _check_lora_layout(path: Path, slices: dict, adapter_dir: Path, what_to_do: str) -> None:
+    """Keys, dtypes and ranks of the file's tensors, from its header alone."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    config = read_adapter_config(adapter_dir) if config_file.is_file() else {}
+    rank = config.get("r") if not config.get("rank_pattern") else None  # per-module ranks: pairs checked alone
+    ranks: dict[str, dict[str, int]] = {}
+    for key, tensor in slices.items():
+        match = _LORA_WEIGHT.match(key)
+        shape = tensor.get_shape()
+        if match is None or len(shape) != 2:
+            raise UserError(f"{path}: {short(key)} is not a LoRA A or B matrix; {what_to_do}")
+        if tensor.get_dtype() not in FLOAT_DTYPES:
+            raise UserError(f"{path}: {short(key)} holds {tensor.get_dtype()}, not floating point; {what_to_do}")
+        part = match.group("part")
+        ranks.setdefault(match.group("module"), {})[part] = shape[0] if part == "A" else shape[1]
+    for module, pair in ranks.items():
+        name = module.removeprefix(_KEY_PREFIX)
+        if len(pair) != 2:
+            raise UserError(f"{path}: {name} has a lora_{'B' if 'A' in pair else 'A'} matrix missing; {what_to_do}")
+        if pair["A"] != pair["B"]:
+            ranks_seen = f"lora_A of rank {pair['A']} but lora_B of rank {pair['B']}"
+            raise UserError(f"{path}: {name} has {ranks_seen}; {what_to_do}")
+        if rank is not None and pair["A"] != rank:
+            raise UserError(
+                f"{path}: {name} has LoRA rank {pair['A']}, adapter_config.json says r={short(rank)}; {what_to_do}"
+            )
 
 
 def check_adapter_fits(base_model, adapter_dir: Path, base_path: str) -> None:

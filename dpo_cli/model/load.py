@@ -137,6 +137,7 @@ def load_pretrained(path: str, **kwargs):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     try:
         check_weights_match_config(path, kwargs.get("trust_remote_code", False))
         model, loading_info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
@@ -217,7 +218,13 @@ def compile_decoder_layers(model) -> int:
 def load_adapter(model, adapter_dir: Path, trainable: bool):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except ValueError as error:  # PEFT's refusals (no module matches target_modules, ...) are ValueErrors
+        raise UserError(
+            f"{adapter_dir}/adapter_config.json: PEFT cannot put this adapter on the base ({short(error)}); pass "
+            "--model with the base it was trained on"
+        ) from None
 
 
 def backbone_and_head(model):

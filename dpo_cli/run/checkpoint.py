@@ -29,7 +29,7 @@ import torch
 
 from dpo_cli.errors import UserError
 from dpo_cli.files import atomic_directory, remove_folder, remove_stale_temporaries, write_bytes
-from dpo_cli.model.adapter import check_adapter_weights_finite
+from dpo_cli.model.adapter import check_adapter_weights
 from dpo_cli.output_folder import honour_umask
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -137,7 +137,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     path = Path(path)
     state = read_state(path)
     adapter = _load_adapter(path / ADAPTER_FILE)
-    check_adapter_weights_finite(path, f"delete {path} to resume from the previous checkpoint, or start a new run")
+    check_adapter_weights(path, f"delete {path} to resume from the previous checkpoint, or start a new run")
     optimizer_state = _load_tensors_file(path / "optimizer.pt")
     scheduler_state = _load_tensors_file(path / "scheduler.pt")
     rng = _load_tensors_file(path / "rng.pt")
