@@ -216,13 +216,13 @@ def refuse_unloaded(path: str, missing: set[str], unexpected: set[str]) -> None:
     place for: either way the model would not be the one the files were saved from."""
     if missing:
         raise UserError(
-            f"{path}: {len(missing)} weight(s) of the model config.json describes are missing from the weight files "
-            f"({some_keys(missing)}); they would train from random values, so the model is refused"
+            f"{path}: config.json describes {len(missing)} weight(s) missing from the weight files "
+            f"({some_keys(missing)}); they would start from random values, so the model is refused"
         )
     if unexpected:
         raise UserError(
             f"{path}: the weight files hold {len(unexpected)} weight(s) the model config.json describes has no place "
-            f"for ({some_keys(unexpected)}); the config does not describe these weights"
+            f"for ({some_keys(unexpected)}); the config does not describe these weights, so the model is refused"
         )
 
 
