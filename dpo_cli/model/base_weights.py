@@ -29,6 +29,7 @@ KEYS_SHOWN = 3
 # billion (meta) layers would itself take minutes, so that count is refused before the model is built.
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 ERROR_CHARS = 200
+FINITE_CHUNK = 1 << 26  # elements checked at once: the boolean mask of an 8B model's embedding would be 0.5 GB
 
 
 def short(text: object) -> str:
@@ -242,3 +243,31 @@ def is_loading_report_error(error: RuntimeError) -> bool:
     """Transformers' own refusal of weights that do not fit (it raises after its load report), not a bug or OOM."""
     text = str(error)
     return "Error(s) in loading state_dict" in text or "ignore_mismatched_sizes" in text
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    flat = tensor.detach().reshape(-1)
+    chunks = range(0, flat.numel(), FINITE_CHUNK)
+    return all(bool(torch.isfinite(flat[start : start + FINITE_CHUNK]).all()) for start in chunks)
+
+
+def _number_tensors(param: torch.nn.Parameter) -> list[torch.Tensor]:
+    """The float tensors a weight's values come from: itself, or for a 4-bit weight its quantization state (one NaN
+    in a block makes the double-quantization offset NaN, and with it every value of the dequantized matrix)."""
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return [param] if param.is_floating_point() else []
+    nested = getattr(state, "state2", None)
+    parts = (state.absmax, getattr(state, "offset", None), None if nested is None else nested.absmax)
+    return [part for part in parts if isinstance(part, torch.Tensor) and part.is_floating_point()]
+
+
+def check_weights_finite(path: str, model) -> None:
+    """Every weight of the loaded base is a finite number: a NaN or inf would make every log-prob NaN (train stops
+    at its first step, eval would print a table of NaN, a merge would write them)."""
+    bad = [name for name, param in model.named_parameters() if not all(map(_all_finite, _number_tensors(param)))]
+    if bad:
+        raise UserError(
+            f"{path}: {len(bad)} weight(s) are not finite (NaN or inf: {some_keys(bad)}); the model's weight files "
+            "are damaged"
+        )

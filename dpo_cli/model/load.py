@@ -16,7 +16,13 @@ import torch
 from dpo_cli.config import LoraSection, ModelSection
 from dpo_cli.dpo.scoring import ScoringModel
 from dpo_cli.errors import UserError
-from dpo_cli.model.base_weights import check_loading_info, check_weights_match_config, is_loading_report_error, short
+from dpo_cli.model.base_weights import (
+    check_loading_info,
+    check_weights_finite,
+    check_weights_match_config,
+    is_loading_report_error,
+    short,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,8 +138,8 @@ def load_base_model(config: ModelSection, device: torch.device, trust_remote_cod
 
 def load_pretrained(path: str, **kwargs):
     """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` for a base only if its weight files fill the model its
-    config describes (checked before anything is allocated, and again on what transformers reports); otherwise one
-    line. Every command that loads a base goes through here."""
+    config describes (checked before anything is allocated, and again on what transformers reports) and every
+    weight loaded is finite; otherwise one line. Every command that loads a base goes through here."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
@@ -154,6 +160,7 @@ def load_pretrained(path: str, **kwargs):
             f"{path}: the weight files do not fit the model config.json describes ({short(error)})"
         ) from None
     check_loading_info(path, loading_info)
+    check_weights_finite(path, model)
     return model
 
 

@@ -178,16 +178,38 @@ def test_merge_refuses_a_nan_adapter_and_writes_nothing(tiny_adapter, tmp_path, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bad"]
 
 
-def test_merge_writes_nothing_from_a_nan_base_weight(tiny_adapter, tiny_base_copy, tmp_path, capsys):
-    """The adapter is fine, the base is not: every merged weight is checked before a byte is written."""
+@pytest.mark.parametrize("quantize", [True, False], ids=["4-bit", "no-quantize"])
+def test_a_base_with_a_nan_weight_is_refused_at_load(
+    tiny_adapter, tiny_demo, tiny_base_copy, tmp_path, capsys, quantize
+):
+    """One NaN in a 4-bit weight makes its whole dequantized matrix NaN: refused for eval and merge alike."""
 
     def poison(tensors):
-        tensors["model.norm.weight"][0] = math.nan
+        tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = math.nan
 
     edit_weights(tiny_base_copy / "model.safetensors", poison)
+    extra = ["--model", tiny_base_copy] + ([] if quantize else ["--set", "model.quantize=false"])
+    for args in (
+        eval_args(tiny_adapter, tiny_demo["test"], tmp_path / "e.json", *extra),
+        merge_args(tiny_adapter, tmp_path / "m", *extra),
+    ):
+        code, _, stderr = run_cli_inprocess(capsys, *args)
+        one_line_error(code, stderr, "1 weight(s) are not finite", "model.layers.0.mlp.up_proj.weight")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["base"]
+
+
+def test_merge_writes_nothing_when_a_weight_overflows_its_dtype(tiny_adapter, tiny_base_copy, tmp_path, capsys):
+    """The base is finite in float32, but 1e6 is beyond float16's range: every merged weight is checked after the
+    cast, before a byte is written."""
+
+    def enlarge(tensors):
+        tensors["model.norm.weight"][0] = 1e6
+
+    edit_weights(tiny_base_copy / "model.safetensors", enlarge)
     out = tmp_path / "merged"
-    code, _, stderr = run_cli_inprocess(capsys, *merge_args(tiny_adapter, out, "--model", tiny_base_copy))
-    one_line_error(code, stderr, "not written", "model.norm.weight")
+    args = merge_args(tiny_adapter, out, "--model", tiny_base_copy, "--dtype", "float16")
+    code, _, stderr = run_cli_inprocess(capsys, *args)
+    one_line_error(code, stderr, "not written", "model.norm.weight", "wider --dtype")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["base"]
 
 
