@@ -21,6 +21,7 @@ from dpo_cli.model.base_weights import (
     check_weights_finite,
     check_weights_match_config,
     is_loading_report_error,
+    load_config,
     short,
 )
 
@@ -79,6 +80,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     _check_model_path(path, marker="tokenizer_config.json")
     try:
+        if (Path(path) / "config.json").is_file():  # AutoTokenizer reads it too, and a bad field would be a traceback
+            load_config(path, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise UserError(f"{path}: cannot load the tokenizer ({_first_line(error)})") from None

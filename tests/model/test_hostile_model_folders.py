@@ -297,3 +297,22 @@ def test_eval_generate_beyond_the_context_is_capped_and_ends(tiny_adapter, tiny_
     assert "--max-new-tokens 1000000: capped at" in stdout + stderr
     assert len(samples.read_text().splitlines()) == 2
     assert time.monotonic() - started < 120
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"num_hidden_layers": "abc"}, {"model_type": {"a": 1}}, {"hidden_size": None}, {"num_attention_heads": 0}],
+    ids=str,
+)
+@pytest.mark.parametrize("command", ["train", "data check"])
+def test_a_config_transformers_cannot_read_is_one_line(stories_copy, stories_data, tmp_path, capsys, change, command):
+    """The tokenizer reads config.json too (before any model): a field of the wrong type was a traceback there."""
+    edit_config(stories_copy, **change)
+    data = stories_data["train"]
+    out = tmp_path / "run"
+    args = ["train", "--model", stories_copy, "--data", data, "--output-dir", out, "--max-steps", "1"]
+    if command == "data check":
+        args = ["data", "check", data, "--model", stories_copy]
+    code, _, stderr = run_cli_inprocess(capsys, *args)
+    one_line_error(code, stderr, f"{stories_copy}/config.json: not a model config transformers can read")
+    assert not out.exists()
