@@ -242,7 +242,8 @@ def check_loading_info(path: str, info: dict) -> None:
 def is_loading_report_error(error: RuntimeError) -> bool:
     """Transformers' own refusal of weights that do not fit (it raises after its load report), not a bug or OOM."""
     text = str(error)
-    return "Error(s) in loading state_dict" in text or "ignore_mismatched_sizes" in text
+    signs = ("Error(s) in loading state_dict", "ignore_mismatched_sizes", "automatic conversion of the weights")
+    return any(sign in text for sign in signs)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -159,8 +159,10 @@ def load_pretrained(path: str, **kwargs):
     except RuntimeError as error:
         if not is_loading_report_error(error):
             raise
+        # Transformers' report of which weights is logged (and turned down here), not in the error: say what it means.
         raise UserError(
-            f"{path}: the weight files do not fit the model config.json describes ({short(error)})"
+            f"{path}: the weight files do not fit the model config.json describes (transformers could not load or "
+            "convert some of them into it: other shapes or missing parts); the config does not describe these weights"
         ) from None
     check_loading_info(path, loading_info)
     check_weights_finite(path, model)

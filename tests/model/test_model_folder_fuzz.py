@@ -318,3 +318,56 @@ def test_adapter_config_mangled(tiny_adapter, tmp_path, change, peak_guard):
     config.update(change)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     outcome(lambda: load_adapter_folder(folder))
+
+
+# --- no false refusals: other architectures, including the ones transformers converts while loading -----------
+
+SMALL = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+}
+ARCHITECTURES = {
+    "qwen2": {},
+    "gemma2": {},
+    "llama-tied": {"tie_word_embeddings": True},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # experts stored apart, fused while loading
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+}
+
+
+def saved_architecture(name: str, folder: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(name.removesuffix("-tied"), **SMALL, **ARCHITECTURES[name])
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_other_architectures_load_and_their_damage_is_one_line(tmp_path, name, peak_guard):
+    folder = saved_architecture(name, tmp_path / name)
+    assert outcome(lambda: load_plain(folder)) == "loaded"
+    first_layer_weights = sorted(key for key in weight_keys(folder) if ".layers.0." in key)
+    key = first_layer_weights[0]  # for the MoE models an expert weight, which transformers fuses while loading
+    damages = {
+        "drop": lambda tensors: tensors.pop(key),
+        "reshape": lambda tensors: tensors.update({key: torch.ones(3)}),
+    }
+    for damage, change in damages.items():
+        saved_architecture(name, folder)
+        edit_weights(folder / "model.safetensors", change)
+        assert outcome(lambda: load_plain(folder)).startswith("refused"), (name, damage)
+
+
+def weight_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        return list(weights.keys())
