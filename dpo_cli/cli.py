@@ -271,13 +271,22 @@ def _exit_interrupted() -> None:
     sys.exit(130)
 
 
+MAX_ERROR_CHARS = 2000
+
+
+def _one_line(message: str) -> str:
+    """A last guard on what reaches the terminal: values inside messages are cut short where they are written
+    (errors.shown); this keeps a message that missed it from flooding stderr."""
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
+
+
 def _main() -> None:
     _quiet_libraries()
     usage_errors, aborts = _click_exception_classes()
     try:
         code = app(prog_name="dpo-cli", standalone_mode=False)  # not "python -m dpo_cli" in the usage line
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(str(error))}", file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
