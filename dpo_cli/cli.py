@@ -201,14 +201,18 @@ def report(
         "--output",
         help="Figure file: .png, .svg or .pdf (default: DIR/report.png, or comparison.png for several).",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace --output even if it is not a report dpo-cli drew."),
 ):
     """Draw a run's curves (or overlay several runs) and print a summary table: steps, final and best eval, speed."""
     from dpo_cli.run.report import REPORT_FILE, print_summary, report_runs
 
     if output is None:
         output = runs[0] / REPORT_FILE if len(runs) == 1 else Path("comparison.png")
-    figure, summaries = report_runs(runs, output)
-    print_summary(summaries, console)
+    result = report_runs(runs, output, force)
+    figure = result.figure
+    for note in result.notes:
+        Console(stderr=True).print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
+    print_summary(result.summaries, console)
     runs_drawn = f"{len(figure.runs)} run{'s' if len(figure.runs) > 1 else ''}"
     console.print(f"report of {runs_drawn} written to {figure.path}", soft_wrap=True)  # a path to copy, unbroken
 

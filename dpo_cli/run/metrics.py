@@ -102,7 +102,7 @@ class MetricsLog:
             return
         record = {**record, "time": round(time.time(), 3)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(record) + "\n").encode("utf-8")
+        data = (json.dumps(standard_json(record), allow_nan=False) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             size = os.fstat(fd).st_size
@@ -128,6 +128,18 @@ class MetricsLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def standard_json(value):
+    """`value` with every non-finite float as null: JSON has no NaN or Infinity, and Python's `NaN` tokens break
+    other readers (jq, JavaScript, pandas' strict modes). The trackers still get the floats themselves."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: standard_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [standard_json(item) for item in value]
+    return value
 
 
 def _parses(line: str) -> bool:

@@ -355,7 +355,7 @@ def test_drift_is_not_drawn_for_a_reference_free_run(tmp_path):
     from dpo_cli.run.report import draw_report
 
     record = {"step": 1, "loss": 0.7, "rewards/chosen": -2.0, "rewards/rejected": -2.5}
-    run = RunFolder("simpo", tmp_path, [record], {"dpo": {"reference_free": True, "beta": 2.0}})
+    run = RunFolder.from_records("simpo", tmp_path, [record], {"dpo": {"reference_free": True, "beta": 2.0}})
     panels = _panels(draw_report([run], tmp_path / "simpo.png").path)
     assert panels["drift from the reference"] == []
     assert panels["chosen and rejected rewards"] == ["rewards/chosen", "rewards/rejected"]
