@@ -106,7 +106,9 @@ class RunFolder:
 def _finite(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)  # ints are bounded by _decode's parse_int: no OverflowError here
+    if isinstance(value, int) and value.bit_length() > 64:  # beyond MAX_MAGNITUDE; float() may overflow
+        return None
+    number = float(value)
     return number if math.isfinite(number) and abs(number) <= MAX_MAGNITUDE else None
 
 
