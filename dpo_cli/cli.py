@@ -271,8 +271,9 @@ def main() -> None:
 
 
 def _exit_interrupted() -> None:
-    print("error: interrupted", file=sys.stderr)
-    sys.exit(130)
+    from dpo_cli.run import interrupts
+
+    interrupts.exit_interrupted()
 
 
 MAX_ERROR_CHARS = 2000
@@ -293,8 +294,7 @@ def _main() -> None:
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit_interrupted()
     except usage_errors as error:  # a mistyped command, option or value: the usage line, exit 2 (its own code)
         error.show()
         sys.exit(error.exit_code)
