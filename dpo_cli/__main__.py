@@ -1,22 +1,28 @@
 """`python -m dpo_cli` and the `dpo-cli` console script: the CLI, with Ctrl-C and SIGTERM handled from the start.
 
-The handler goes in before the command line's own imports (typer alone takes a few hundred milliseconds), so an
-interrupt that early ends like any other: "error: interrupted", exit 130, not a KeyboardInterrupt traceback.
+The handler goes in before any other import of ours (typer alone takes a few hundred milliseconds; even `threading`
+takes milliseconds), so an interrupt that early ends like any other: "error: interrupted", exit 130, not a
+KeyboardInterrupt traceback. Only an interrupt during Python's own start-up, before this file runs, is Python's:
+SIGTERM then ends the process by the signal (exit 143 in a shell), SIGINT with Python's message.
 """
 
-import sys
+try:  # an interrupt before the handler is in place is caught here, so no line of ours shows in a traceback
+    from dpo_cli.run import interrupts  # imports only `signal`
+
+    interrupts.install()
+except KeyboardInterrupt:
+    exec("pass")  # see interrupts.exit_interrupted, which may not be imported yet
+    print("error: interrupted", file=__import__("sys").stderr)
+    raise SystemExit(130) from None
 
 
 def run() -> None:
-    from dpo_cli.run import interrupts
-
-    interrupts.install()
     try:
         from dpo_cli.cli import main
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    main()
+
+        main()
+    except KeyboardInterrupt:  # between the handler and main()'s own handling of it
+        interrupts.exit_interrupted()
 
 
 if __name__ == "__main__":

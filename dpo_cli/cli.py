@@ -202,14 +202,18 @@ def report(
         "--output",
         help="Figure file: .png, .svg or .pdf (default: DIR/report.png, or comparison.png for several).",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace --output even if it is not a report dpo-cli drew."),
 ):
     """Draw a run's curves (or overlay several runs) and print a summary table: steps, final and best eval, speed."""
     from dpo_cli.run.report import REPORT_FILE, print_summary, report_runs
 
     if output is None:
         output = runs[0] / REPORT_FILE if len(runs) == 1 else Path("comparison.png")
-    figure, summaries = report_runs(runs, output)
-    print_summary(summaries, console)
+    result = report_runs(runs, output, force)
+    figure = result.figure
+    for note in result.notes:
+        Console(stderr=True).print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
+    print_summary(result.summaries, console)
     runs_drawn = f"{len(figure.runs)} run{'s' if len(figure.runs) > 1 else ''}"
     console.print(f"report of {runs_drawn} written to {figure.path}", soft_wrap=True)  # a path to copy, unbroken
 
@@ -268,8 +272,18 @@ def main() -> None:
 
 
 def _exit_interrupted() -> None:
-    print("error: interrupted", file=sys.stderr)
-    sys.exit(130)
+    from dpo_cli.run import interrupts
+
+    interrupts.exit_interrupted()
+
+
+MAX_ERROR_CHARS = 2000
+
+
+def _one_line(message: str) -> str:
+    """A last guard on what reaches the terminal: values inside messages are cut short where they are written
+    (errors.shown); this keeps a message that missed it from flooding stderr."""
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
 
 
 def _main() -> None:
@@ -278,11 +292,10 @@ def _main() -> None:
     try:
         code = app(prog_name="dpo-cli", standalone_mode=False)  # not "python -m dpo_cli" in the usage line
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(str(error))}", file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit_interrupted()
     except usage_errors as error:  # a mistyped command, option or value: the usage line, exit 2 (its own code)
         error.show()
         sys.exit(error.exit_code)

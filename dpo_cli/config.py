@@ -24,7 +24,7 @@ import yaml
 # standard library (and errors): no torch, and nothing that imports this module back.
 from dpo_cli.data.formats import FORMAT_CHOICES, parse_columns
 from dpo_cli.dpo.loss_specs import dpo_settings_problem
-from dpo_cli.errors import UserError
+from dpo_cli.errors import UserError, shown
 from dpo_cli.files import read_user_text, write_text_atomic
 
 RECIPE_FILENAME = "recipe.yaml"
@@ -59,7 +59,7 @@ class ModelSection:
     def __post_init__(self):
         _check_finite_floats("model", self)
         if not DEVICE_PATTERN.fullmatch(self.device):
-            raise UserError(f"recipe key model.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+            raise UserError(f"recipe key model.device: {shown(self.device)} is not one of auto, cpu, cuda, cuda:N")
         _check_choice("model.compute_dtype", self.compute_dtype, ("auto", "bfloat16", "float16", "float32"))
 
 
@@ -164,14 +164,14 @@ class TrainingSection:
             _check_positive(f"training.{key}", getattr(self, key))
         for key in ("max_steps", "save_steps", "eval_steps", "save_total_limit", "max_tokens_per_batch"):
             if getattr(self, key) < 0:
-                raise UserError(f"recipe key training.{key}: {getattr(self, key)} is negative; use 0 or more")
+                raise UserError(f"recipe key training.{key}: {shown(getattr(self, key))} is negative; use 0 or more")
         for key in ("epochs", "weight_decay"):
             if getattr(self, key) < 0:
-                raise UserError(f"recipe key training.{key}: {getattr(self, key)} is negative; use 0 or more")
+                raise UserError(f"recipe key training.{key}: {shown(getattr(self, key))} is negative; use 0 or more")
         # Clipping to a norm of 0 would zero every gradient; a large value turns clipping off instead.
         _check_positive("training.max_grad_norm", self.max_grad_norm)
         if not 0 <= self.seed < 2**63:  # torch seeds are 64-bit; each epoch's order uses seed + epoch
-            raise UserError(f"recipe key training.seed: {self.seed} is outside [0, 2**63); use e.g. 42")
+            raise UserError(f"recipe key training.seed: {shown(self.seed)} is outside [0, 2**63); use e.g. 42")
         if self.max_steps == 0 and self.epochs == 0:
             raise UserError("recipe keys training.max_steps and training.epochs are both 0; set one of them")
         if self.lr <= 0:
@@ -280,15 +280,17 @@ def _check_finite_floats(section: str, values: Any) -> None:
 
 def _check_positive(key: str, value: float) -> None:
     if value <= 0:
-        raise UserError(f"recipe key {key}: {value} must be positive")
+        raise UserError(f"recipe key {key}: {shown(value)} must be positive")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise UserError(f"recipe key {key}: {value!r} is not one of {', '.join(choices)}")
+        raise UserError(f"recipe key {key}: {shown(value)} is not one of {', '.join(choices)}")
 
 
-def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
+def _did_you_mean(name: Any, options: typing.Iterable[str]) -> str:
+    if not isinstance(name, str):
+        return ""
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -301,7 +303,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise UserError(f"recipe key {key}: expected a list, got {type(value).__name__} {value!r}")
+            raise UserError(f"recipe key {key}: expected a list, got {type(value).__name__} {shown(value)}")
         return [_coerce(key, item, item_type) for item in value]
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -328,18 +330,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
     expected = getattr(annotation, "__name__", str(annotation))
-    raise UserError(f"recipe key {key}: expected {expected}, got {type(value).__name__} {value!r}")
+    raise UserError(f"recipe key {key}: expected {expected}, got {type(value).__name__} {shown(value)}")
 
 
 def _build_section(cls: type, name: str, values: dict[str, Any]) -> Any:
-    if not isinstance(values, dict):
-        raise UserError(f"recipe section {name!r} must be a mapping of keys to values, got {type(values).__name__}")
+    values = _section_mapping(name, values)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise UserError(f"unknown recipe key {name}.{key}{_did_you_mean(key, known)}")
+            written = key if isinstance(key, str) and len(key) <= 100 else shown(key, 100)
+            raise UserError(f"unknown recipe key {name}.{written}{_did_you_mean(key, known)}")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -349,23 +351,92 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     built = {}
     for name, section_values in values.items():
         if name not in sections:
-            raise UserError(f"unknown recipe section {name!r}{_did_you_mean(name, sections)}")
-        built[name] = _build_section(typing.get_type_hints(Recipe)[name], name, section_values or {})
+            raise UserError(f"unknown recipe section {shown(name)}{_did_you_mean(name, sections)}")
+        built[name] = _build_section(typing.get_type_hints(Recipe)[name], name, section_values)
     return Recipe(**built)
+
+
+MAX_RECIPE_VALUES = 10_000
+"""Values a recipe may hold once its YAML aliases are expanded; a whole recipe holds under a hundred."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with a bound on what aliases expand to and one line for a value it cannot read.
+
+    An alias is a reference, so loading `a: &a [x, x]`, `b: &b [*a, *a]`, ... costs nothing; but anything that walks
+    the result (a copy, a repr in an error line) walks 2**levels items: 423 bytes once cost 2 GB. The composed
+    document is measured before anything is built from it, counting each alias as what it expands to.
+    """
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expanded_size(node, MAX_RECIPE_VALUES)
+        return node
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as error:  # e.g. an integer of 5,000 digits, a 13th month
+            problem = f"cannot read this value ({shown(str(error), 120)})"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+def _check_expanded_size(root: yaml.Node, limit: int) -> None:
+    """Raise a YAML error (with the line) when `root`, aliases expanded, holds more than `limit` nodes or holds
+    itself. Each node's expanded size is worked out once, so this costs the distinct nodes, not the expansion."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a value that holds it", node.start_mark)
+        in_progress.add(key)
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                raise yaml.composer.ComposerError(
+                    None, None, f"expands to more than {limit:,} values (aliases within aliases)", node.start_mark
+                )
+        in_progress.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML read safely (no Python objects) with aliases bounded; raises yaml.YAMLError, or RecursionError when the
+    nesting is deeper than Python's stack."""
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: plain data only
 
 
 def read_recipe_file(path: Path) -> dict[str, Any]:
     """The raw mapping of a YAML recipe, with one-line errors for unreadable or malformed files."""
     text = read_user_text(path, "recipe file", "pass a YAML recipe file")
     try:
-        values = yaml.safe_load(text) or {}
+        values = load_yaml(text) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(error, "problem", None) or "malformed YAML"
-        raise UserError(f"{where}: {problem}; fix the YAML syntax") from None
+        raise UserError(f"{where}: {problem}; fix the YAML") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe; fix the YAML") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: a recipe must be a mapping of sections (model, lora, data, training, dpo, report)")
+    for name, section in values.items():
+        if section is not None and not isinstance(section, dict):
+            raise UserError(
+                f"{path}: recipe section {shown(name, 60)} must be a mapping of keys to values, got "
+                f"{type(section).__name__} {shown(section, 60)}; write its settings as indented `key: value` lines"
+            )
     return values
 
 
@@ -376,20 +447,31 @@ def parse_set_option(option: str) -> tuple[str, str, Any]:
     dotted, raw = option.split("=", 1)
     section, key = dotted.split(".", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return section, key, value
 
 
 def merge_overrides(values: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Overlay {section: {key: value}} on a raw recipe mapping; None values (flags not given) are skipped."""
-    merged = {name: dict(section or {}) for name, section in values.items()}
+    merged = {name: _section_mapping(name, section) for name, section in values.items()}
     for section, keys in overrides.items():
         for key, value in keys.items():
             if value is not None:
                 merged.setdefault(section, {})[key] = value
     return merged
+
+
+def _section_mapping(name: Any, section: Any) -> dict[str, Any]:
+    """A copy of one section's mapping (none: empty); anything else is one line naming the section."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise UserError(
+            f"recipe section {shown(name)} must be a mapping of keys to values, got {type(section).__name__}"
+        )
+    return dict(section)
 
 
 def load_recipe(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Recipe:

@@ -95,3 +95,111 @@ def test_every_shipped_recipe_parses_and_opens_with_its_command(path):
 
 def test_recipes_are_shipped():
     assert len(RECIPES) >= 3
+
+
+# Hostile recipes: bounded cost, one line ------------------------------------------------------------------------
+
+
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    """A "billion laughs": each anchor a list of `width` aliases of the one before, `levels` deep, under model.path.
+    Seven levels of nine are 423 bytes that expand to 4.8 million strings."""
+    anchors = ["  a0: &a0 [" + ", ".join(['"lol"'] * width) + "]"]
+    anchors += [f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels + 1)]
+    return "anchors:\n" + "\n".join(anchors) + f"\nmodel:\n  path: *a{levels}\n"
+
+
+def _peak_bytes(function) -> tuple[int, float]:
+    """(peak bytes allocated by Python, seconds) while `function` runs."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        function()
+    finally:
+        seconds = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak, seconds
+
+
+@pytest.mark.parametrize("levels", [7, 8])
+def test_an_alias_bomb_is_refused_while_loading_in_bounded_memory_and_time(tmp_path, levels):
+    """On main, 7 levels cost 2.26 GB and 690 MB of stderr (the error line held the expanded value's repr)."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(_alias_bomb(levels))
+    errors = []
+
+    def load():
+        with pytest.raises(UserError) as error:
+            load_recipe(path)
+        errors.append(str(error.value))
+
+    peak, seconds = _peak_bytes(load)
+    assert peak < 20e6 and seconds < 5, (peak, seconds)
+    assert errors[0].startswith(f"{path}:") and "expands to more than 10,000 values" in errors[0]
+
+
+def test_a_large_value_is_shown_cut_short_in_the_error_line(tmp_path):
+    """Under the expansion bound (a list of 729 lists of 9 strings under model.path) the value reaches the type
+    check, whose line shows the value's start only."""
+    path = tmp_path / "recipe.yaml"
+    lol = "[" + ", ".join(['"lol"'] * 9) + "]"
+    path.write_text(f"model:\n  path: [&a {lol}, &b [{', '.join(['*a'] * 9)}], [{', '.join(['*b'] * 81)}]]\n")
+    with pytest.raises(UserError, match=r"recipe key model\.path: expected str, got list \[\[") as error:
+        load_recipe(path)
+    assert len(str(error.value)) < 300
+
+
+def test_a_self_referring_alias_and_deep_nesting_are_one_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    for text, message in [
+        ("model:\n  path: &x [*x]\n", r":2: an alias refers to a value that holds it"),
+        ("model:\n  path: " + "[" * 5000 + "\n", "nested too deeply to be a recipe"),
+        (f"training:\n  seed: {'7' * 5000}\n", r":2: cannot read this value \('Exceeds the limit"),
+        ("training:\n  seed: 2001-13-45\n", r":2: cannot read this value"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(UserError, match=message) as error:
+            load_recipe(path)
+        assert "\n" not in str(error.value) and len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "section",
+    ["[1, 2]", '"a string"', "7", "true", "[]", "&a [x]\nlora: *a", "\n  - 1\n  - 2"],
+    ids=["list", "string", "int", "bool", "empty-list", "anchor-list", "block-list"],
+)
+def test_a_section_that_is_not_a_mapping_is_one_line_naming_it(tmp_path, section):
+    """On main `training: [1, 2]` raised TypeError in merge_overrides, a string or an anchor list ValueError."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"training: {section}\n")
+    with pytest.raises(UserError, match=rf"{path}: recipe section '(training|lora)' must be a mapping") as error:
+        load_recipe(path, {"training": {"lr": 0.1}})
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="recipe section 'training' must be a mapping"):
+        merge_overrides({"training": [1, 2]}, {"training": {"lr": 0.1}})
+    with pytest.raises(UserError, match="recipe section 'training' must be a mapping"):
+        recipe_from_dict({"training": [1, 2]})
+
+
+def test_keys_that_are_not_names_are_one_line():
+    with pytest.raises(UserError, match="unknown recipe section 1"):
+        recipe_from_dict({1: {}})
+    with pytest.raises(UserError, match=r"unknown recipe key training\.\(1, 2\)"):
+        recipe_from_dict({"training": {(1, 2): 3}})
+    with pytest.raises(UserError, match=r"training\.seed: <an integer of about 5,000 digits> is outside"):
+        recipe_from_dict({"training": {"seed": 10**5000}})
+
+
+def test_shown_is_bounded_whatever_the_value():
+    from dpo_cli.errors import shown
+
+    nested: list = ["x" * 10**6]
+    for _ in range(30):
+        nested = [nested] * 1000  # 1000**30 items if walked
+    for value in (nested, "y" * 10**7, b"z" * 10**7, 10**10000, {str(i): i for i in range(10**5)}):
+        text = shown(value)
+        assert len(text) <= 200
+    assert shown("short") == "'short'" and shown([1, 2]) == "[1, 2]"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,9 @@ from dpo_cli.data.formats import RecordProblem
 from dpo_cli.errors import UserError
 
 JSON_ARRAY_CHUNK = 1 << 20
+TOKEN_CHARS = 64
+"""More than any number or literal a record holds is long: an error this far before the end of the text read is
+not a token cut by the end of the buffer (a string cut there says so: 'Unterminated string')."""
 
 
 def text_records(path: Path, raw: IO[bytes], max_record_bytes: int) -> Iterator[RawRecord]:
@@ -110,8 +114,9 @@ def _json_array_records(path: Path, stream: IO[bytes], max_record_bytes: int) ->
     """Elements of a top-level JSON array, decoded one by one from a sliding text buffer.
 
     An element cut by the end of the buffer fails to decode; then more text is read and it is tried again. A
-    decoding error with no more text to read is a real one. After a real error the rest of the array cannot be
-    found reliably, so reading stops there with that one problem.
+    decoding error with no more text to read is a real one. After a real error (or a record too deep, or with a
+    number too long) reading goes on after the next ',' outside strings and brackets, where the syntax lets it be
+    found within a record's length; where it does not, a last problem says the rest of the array was not read.
     """
     reader = _ArrayReader(path, io.TextIOWrapper(stream, encoding="utf-8-sig"), max_record_bytes)
     reader.skip_blank()
@@ -130,10 +135,22 @@ def _json_array_records(path: Path, stream: IO[bytes], max_record_bytes: int) ->
             value, text = reader.decode()
         except json.JSONDecodeError as error:
             yield reader.error_record(index, error)
-            return
-        except RecordProblem as problem:  # too long, too deep or too many digits: where it ends is not known
+            if reader.is_cut_off(error):
+                return
+            boundary = reader.skip_element()
+        except RecordProblem as problem:  # too long, too deep or too many digits
             yield RawRecord(where, reader.buffer[reader.pos : reader.pos + HEAD_CHARS], problem=problem)
-            return
+            boundary = reader.skip_element() if problem.reason != "record too long" else ""
+        else:
+            boundary = None
+        if boundary is not None:  # after a record that could not be decoded
+            if boundary == "]":
+                return
+            if boundary == "":
+                yield RawRecord(f"{path}:{reader.line} (after record {index})", "", problem=_rest_not_read())
+                return
+            index += 1
+            continue
         try:
             check_value(value, text)
             yield RawRecord(where, text, value=value)
@@ -151,6 +168,15 @@ def _json_array_records(path: Path, stream: IO[bytes], max_record_bytes: int) ->
             yield RawRecord(f"{path}:{reader.line} (record {index})", "", problem=problem)
             return
         reader.pos += 1
+
+
+def _rest_not_read() -> RecordProblem:
+    detail = "the rest of the JSON array cannot be read: no record boundary (',') follows the broken record"
+    return RecordProblem("invalid JSON", None, detail, "fix that record; the records after it were not read")
+
+
+_STRUCTURE = re.compile(r'["\[\]{},]')
+_STRING_REST = re.compile(r'(?:[^"\\\n]|\\.)*"')  # from after an opening quote to the closing one, on one line
 
 
 class _ArrayReader:
@@ -190,7 +216,9 @@ class _ArrayReader:
         while True:
             try:
                 value, end = self.decoder.raw_decode(self.buffer, self.pos)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as error:
+                if error.pos + TOKEN_CHARS < len(self.buffer) and not error.msg.startswith("Unterminated string"):
+                    raise  # what follows the error is read already: more text cannot mend it
                 if len(self.buffer) - self.pos > self.max_record_chars:
                     raise too_long("longer", self.max_record_chars) from None
                 if self.at_eof or not self.fill():
@@ -207,11 +235,42 @@ class _ArrayReader:
             text, self.pos = self.buffer[self.pos : end], end
             return value, text
 
+    def skip_element(self) -> str:
+        """Move past the element at `pos`, which failed to decode, to the boundary after it: ',' (the position is
+        then after it), ']' (the array ends) or '' when no boundary is found within a record's length.
+
+        Brackets are counted outside strings; a string ends at its closing quote or, being broken, at the end of
+        its line (JSON strings hold no raw line breaks), so one bad quote does not swallow the records after it.
+        """
+        while len(self.buffer) - self.pos <= self.max_record_chars and not self.at_eof and self.fill():
+            pass
+        start, end = self.pos, min(len(self.buffer), self.pos + self.max_record_chars)
+        depth, at = 0, start
+        while match := _STRUCTURE.search(self.buffer, at, end):
+            found, at = match.group(), match.end()
+            if found == '"':
+                string = _STRING_REST.match(self.buffer, at, end)
+                line_end = self.buffer.find("\n", at, end)
+                at = string.end() if string else (line_end if line_end >= 0 else end)
+            elif found in "[{":
+                depth += 1
+            elif depth > 0 and found in "]}":
+                depth -= 1
+            elif depth == 0 and found in ",]":
+                self.line += self.buffer.count("\n", start, at)
+                self.pos = at if found == "," else at - 1
+                return found
+        return ""
+
+    def is_cut_off(self, error: json.JSONDecodeError) -> bool:
+        """Whether a decoding error at the end of the file is the file ending inside the record."""
+        return not self.buffer[error.pos :].strip() or error.msg.startswith("Unterminated string")
+
     def error_record(self, index: int, error: json.JSONDecodeError) -> RawRecord:
         line = self.line + self.buffer.count("\n", self.pos, error.pos)
         where = f"{self.path}:{line} (record {index})"
         text = self.buffer[self.pos : self.pos + 200]
-        if not self.buffer[error.pos :].strip() or error.msg.startswith("Unterminated string"):  # the end was cut
+        if self.is_cut_off(error):
             return RawRecord(where, text, problem=cut_off())
         column = error.pos - self.buffer.rfind("\n", 0, error.pos)
         detail = f"invalid JSON ({error.msg.removesuffix(' at')}, column {column})"

@@ -14,8 +14,7 @@ and the run went on to exit 0. Someone who sends the signal means it.
 
 from __future__ import annotations
 
-import signal
-import threading
+import signal  # and nothing slower: __main__ installs the handler with this module before any other import
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: str | None = None
@@ -31,11 +30,12 @@ def install() -> dict:
     """Route SIGINT and SIGTERM to the remembering handler; returns the previous handlers for `restore`."""
     global _received
     _received = None
-    if threading.current_thread() is not threading.main_thread():
-        return {}
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    for sig in SIGNALS:
-        signal.signal(sig, _handler)
+    try:
+        for sig in SIGNALS:
+            signal.signal(sig, _handler)
+    except ValueError:  # not the main thread: only it can set handlers (and it receives the signals)
+        return {}
     return previous
 
 
@@ -56,3 +56,17 @@ def raise_if_received() -> None:
     """Re-raise an interrupt that something along the way swallowed."""
     if _received is not None:
         raise KeyboardInterrupt
+
+
+def exit_interrupted() -> None:
+    """End the command for an interrupt: one line, exit 130.
+
+    CPython 3.11 notes a KeyboardInterrupt that escapes code run by `exec` of a string (dataclasses build their
+    methods that way, at import) and at exit kills the process with SIGINT, whatever exit code was chosen after
+    catching it. Running one more string through `exec` clears that note.
+    """
+    import sys
+
+    exec("pass")
+    print("error: interrupted", file=sys.stderr)
+    raise SystemExit(130)

@@ -118,7 +118,8 @@ def _metrics_table(records: list[dict]) -> list[str]:
     lines = ["| metric | train (last step) | eval (final) |", "| --- | ---: | ---: |"]
     for name in CARD_METRICS:
         cells = [
-            f"{row[key]:.4f}" if key in row else "-" for row, key in ((last_train, name), (last_eval, f"eval_{name}"))
+            f"{row[key]:.4f}" if isinstance(row.get(key), int | float) else "-"  # null: not a finite number
+            for row, key in ((last_train, name), (last_eval, f"eval_{name}"))
         ]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return lines

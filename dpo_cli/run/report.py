@@ -12,16 +12,21 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_cli.errors import UserError
 from dpo_cli.files import write_bytes_atomic
-from dpo_cli.run.run_folder import RunFolder, read_run, read_runs
+from dpo_cli.run.run_folder import EVAL, METRICS_FILE, TRAIN, RunFolder, read_run, read_runs
 
 REPORT_FILE = "report.png"
 FORMATS = (".png", ".svg", ".pdf")
 METADATA_KEY = "dpo-cli report"  # PNG text chunk: the panels and the metrics drawn in each, as JSON
+REPORT_CREATOR = "dpo-cli report"  # SVG and PDF: the Creator of the document
+MARKER_BYTES = 1 << 16
+"""Where a report's marker is looked for: the PNG text chunk and the SVG metadata come first, the PDF's
+document information last."""
 FIGURE_INCHES, DPI = (16.0, 8.0), 100
 
 
@@ -54,6 +59,15 @@ PANELS = (
     Panel("grad norm", "grad_norm (before clipping)", (Series("grad_norm", "grad norm"),), has_eval=False),
     Panel("throughput", "tokens/s", (Series("tokens_per_second", "tokens/s"),), has_eval=False),
 )
+SUMMARY_COLUMNS = ("num_tokens", "time")
+COLUMNS = tuple(
+    dict.fromkeys(
+        [s.metric for panel in PANELS for s in panel.series]
+        + [f"eval_{s.metric}" for panel in PANELS if panel.has_eval for s in panel.series]
+        + list(SUMMARY_COLUMNS)
+    )
+)
+"""The metrics.jsonl columns a report reads; the rest of each record is not kept."""
 SERIES_COLOURS = ("tab:blue", "tab:red")  # within one run: first and second series of a panel
 CHOSEN_COLOURS = {"chosen": "tab:green", "rejected": "tab:red"}
 SERIES_STYLES = ("-", "--")  # in an overlay the colour is the run's, so a panel's series differ by line style
@@ -162,11 +176,14 @@ def _title(runs: list[RunFolder]) -> str:
     if len(runs) > 1:
         return " vs ".join(run.name for run in runs)
     run = runs[0]
-    model = Path(str((run.recipe.get("model") or {}).get("path", ""))).name or "?"
-    dpo = run.recipe.get("dpo") or {}
-    loss = "+".join(dpo.get("loss_type") or ["sigmoid"])
-    steps = max(r["step"] for r in run.train_records)
-    return f"{run.name}: {model}, {loss} loss, β {dpo.get('beta', 0.1)}, {steps} steps"
+    model_path = (run.recipe.get("model") or {}).get("path")
+    model = Path(model_path).name if isinstance(model_path, str) and model_path else "?"
+    loss_types = (run.recipe.get("dpo") or {}).get("loss_type") or ["sigmoid"]
+    loss_types = [loss_types] if isinstance(loss_types, str) else loss_types
+    loss = "+".join(name for name in loss_types if isinstance(name, str)) if isinstance(loss_types, list) else "?"
+    steps = max(run.steps[row] for row in run.rows(TRAIN))
+    beta = "none" if run.beta is None else f"{run.beta:g}"
+    return f"{run.name}: {model[:80]}, {loss[:80] or '?'} loss, β {beta}, {steps} steps"
 
 
 def output_format(path: Path) -> str:
@@ -195,7 +212,8 @@ def draw_report(runs: list[RunFolder], path: Path) -> ReportFigure:
         data = _palette_png(figure, {"Title": _title(runs), METADATA_KEY: json.dumps(result.metadata())})
     else:
         buffer = io.BytesIO()
-        figure.savefig(buffer, format=file_format, dpi=DPI, metadata={"Title": _title(runs)})
+        metadata = {"Title": _title(runs), "Creator": REPORT_CREATOR}
+        figure.savefig(buffer, format=file_format, dpi=DPI, metadata=metadata)
         data = buffer.getvalue()
     write_bytes_atomic(Path(path), data)
     return result
@@ -221,7 +239,7 @@ def _palette_png(figure, text: dict[str, str]) -> bytes:
 
 def write_run_report(folder: Path) -> ReportFigure:
     """`report.png` of one run folder from what it holds now (train calls this at checkpoints and at the end)."""
-    return draw_report([read_run(folder)], Path(folder) / REPORT_FILE)
+    return draw_report([read_run(folder, columns=COLUMNS)], Path(folder) / REPORT_FILE)
 
 
 # The summary --------------------------------------------------------------------------------------------------------
@@ -244,15 +262,19 @@ class RunSummary:
     """From the start of the first step to the last record, when records carry `time`; else the steps' time."""
 
 
-def _step_seconds(train_records: list[dict]) -> list[float]:
-    """Each step's duration: its tokens over its tokens/s (num_tokens is the running total)."""
-    seconds, previous = [], 0
-    for record in train_records:
-        tokens = record.get("num_tokens", 0) - previous
-        previous = record.get("num_tokens", 0)
-        rate = record.get("tokens_per_second") or 0.0
-        seconds.append(tokens / rate if rate > 0 else 0.0)
+def _step_seconds(run: RunFolder, train_rows: list[int]) -> list[float]:
+    """Each step's duration: its tokens over its tokens/s (num_tokens is the running total; missing counts 0)."""
+    seconds, previous = [], 0.0
+    for row in train_rows:
+        total = _or_zero(run.value("num_tokens", row))
+        rate = _or_zero(run.value("tokens_per_second", row))
+        seconds.append((total - previous) / rate if rate > 0 else 0.0)
+        previous = total
     return seconds
+
+
+def _or_zero(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
 
 
 def _best(run: RunFolder, metric: str, lowest: bool) -> tuple[float, int] | None:
@@ -264,26 +286,33 @@ def _best(run: RunFolder, metric: str, lowest: bool) -> tuple[float, int] | None
 
 
 def summarize(run: RunFolder) -> RunSummary:
-    train = run.train_records
-    last = train[-1]
-    evals = [r for r in run.records if "eval_loss" in r]
-    final_eval = {k[len("eval_") :]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None
-    seconds = _step_seconds(train)
-    times = [r["time"] for r in run.records if isinstance(r.get("time"), int | float)]
-    wall = (max(times) - min(times) + seconds[0]) if len(times) == len(run.records) else sum(seconds)
+    train_rows, eval_rows = run.rows(TRAIN), run.rows(EVAL)
+    last = train_rows[-1]
+    final_eval = None
+    if eval_rows:
+        last_eval = eval_rows[-1]
+        values = {name[len("eval_") :]: run.value(name, last_eval) for name in run.columns if name.startswith("eval_")}
+        final_eval = {name: value for name, value in values.items() if math.isfinite(value)}
+    seconds = _step_seconds(run, train_rows)
+    times = run.columns.get("time")
+    timed = times is not None and all(math.isfinite(t) for t in times)
+    wall = (max(times) - min(times) + seconds[0]) if timed else sum(seconds)
+    total_tokens = _or_zero(run.value("num_tokens", last))
     return RunSummary(
         name=run.name,
-        steps=int(last["step"]),
-        final={"loss": last["loss"], "rewards/accuracies": last.get("rewards/accuracies", math.nan)},
+        steps=run.steps[last],
+        final={"loss": run.value("loss", last), "rewards/accuracies": run.value("rewards/accuracies", last)},
         final_eval=final_eval,
         best_eval_loss=_best(run, "eval_loss", lowest=True),
         best_eval_accuracy=_best(run, "eval_rewards/accuracies", lowest=False),
-        tokens_per_second=last.get("num_tokens", 0) / sum(seconds) if sum(seconds) > 0 else math.nan,
+        tokens_per_second=total_tokens / sum(seconds) if sum(seconds) > 0 else math.nan,
         wall_seconds=wall,
     )
 
 
 def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(round(seconds), 60)
@@ -318,18 +347,67 @@ def summary_rows(summaries: list[RunSummary]) -> list[tuple[str, list[str]]]:
 
 def print_summary(summaries: list[RunSummary], console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table()
     table.add_column("")
     for summary in summaries:
-        table.add_column(summary.name, justify="right")
+        table.add_column(Text(summary.name), justify="right")  # a folder's name, not markup
     for label, cells in summary_rows(summaries):
         table.add_row(label, *cells)
     console.print(table)
 
 
-def report_runs(folders: list[Path], output: Path) -> tuple[ReportFigure, list[RunSummary]]:
+def is_report_file(path: Path) -> bool:
+    """Whether `path` is a figure dpo-cli drew (its marker: a PNG text chunk, the SVG's or PDF's creator), read
+    from its first and last bytes only."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(MARKER_BYTES)
+            handle.seek(max(0, handle.seek(0, 2) - MARKER_BYTES))
+            tail = handle.read(MARKER_BYTES)
+    except OSError:
+        return False
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"tEXt" + METADATA_KEY.encode() + b"\x00" in head
+    if head.startswith(b"%PDF"):
+        return f"/Creator ({REPORT_CREATOR})".encode() in tail
+    creator = rb"<dc:creator>\s*<cc:Agent>\s*<dc:title>" + re.escape(REPORT_CREATOR.encode()) + rb"</dc:title>"
+    return head.lstrip().startswith(b"<?xml") and re.search(creator, head) is not None
+
+
+def check_output(path: Path, force: bool = False) -> None:
+    """Refuse to replace a file that is not a dpo-cli report (unless `force`). A symlink is fine: the new file is
+    renamed over the link, and whatever it points to is never written."""
+    path = Path(path)
+    if path.is_symlink() or not path.exists():
+        return
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give --output a file name ending in {', '.join(FORMATS)}")
+    if not force and not is_report_file(path):
+        raise UserError(
+            f"{path}: exists and is not a report drawn by dpo-cli; give --output another name, or add --force to "
+            "replace it"
+        )
+
+
+@dataclass
+class ReportResult:
+    figure: ReportFigure
+    summaries: list[RunSummary]
+    notes: list[str]
+    """One line per run folder whose metrics held values that are not finite numbers (not drawn)."""
+
+
+def report_runs(folders: list[Path], output: Path, force: bool = False) -> ReportResult:
     """`dpo-cli report`: read the runs, draw them into `output`, summarize each."""
-    output_format(output)  # a wrong name fails before any reading
-    runs = read_runs(folders)
-    return draw_report(runs, output), [summarize(run) for run in runs]
+    output_format(output)  # a wrong name or a file not ours fails before any reading
+    check_output(output, force)
+    runs = read_runs(folders, COLUMNS)
+    notes = [
+        f"{run.folder / METRICS_FILE}: {run.unusable:,} value{'s' if run.unusable > 1 else ''} not drawn, not finite "
+        f"numbers (the first: {run.first_unusable})"
+        for run in runs
+        if run.unusable
+    ]
+    return ReportResult(draw_report(runs, output), [summarize(run) for run in runs], notes)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from dpo_cli.run.report import METADATA_KEY, PANELS, summarize
+from dpo_cli.run.report import METADATA_KEY, PANELS, is_report_file, summarize
 from dpo_cli.run.run_folder import RunFolder, read_metrics
 from tests.conftest import run_cli_inprocess
 
@@ -245,6 +245,8 @@ def test_report_overlays_two_runs_and_prints_a_summary(eval_run, no_eval_run, tm
         code, _, stderr = run_cli_inprocess(capsys, "report", eval_run["dir"], "--output", tmp_path / f"r{suffix}")
         assert code == 0, stderr
         assert (tmp_path / f"r{suffix}").read_bytes().startswith(magic)
+        assert is_report_file(tmp_path / f"r{suffix}"), "its marker: the next report may replace it"
+    assert is_report_file(output)
 
 
 def test_a_run_without_eval_data_draws_without_eval_curves(no_eval_run):
@@ -355,7 +357,7 @@ def test_drift_is_not_drawn_for_a_reference_free_run(tmp_path):
     from dpo_cli.run.report import draw_report
 
     record = {"step": 1, "loss": 0.7, "rewards/chosen": -2.0, "rewards/rejected": -2.5}
-    run = RunFolder("simpo", tmp_path, [record], {"dpo": {"reference_free": True, "beta": 2.0}})
+    run = RunFolder.from_records("simpo", tmp_path, [record], {"dpo": {"reference_free": True, "beta": 2.0}})
     panels = _panels(draw_report([run], tmp_path / "simpo.png").path)
     assert panels["drift from the reference"] == []
     assert panels["chosen and rejected rewards"] == ["rewards/chosen", "rewards/rejected"]
