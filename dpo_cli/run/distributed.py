@@ -40,6 +40,9 @@ within seconds (loading nothing first); one that never comes is a stray WORLD_SI
 and 2 hours (the collectives' timeout) would be a hang."""
 POLL_SECONDS = 0.1
 """How often the rendezvous looks for its peers: each look returns to Python, where Ctrl-C and SIGTERM are handled."""
+STORE_ANSWER_SECONDS = 5
+"""How long a connection to a store that listens may take to be answered (a TCPStore answers in milliseconds)."""
+"""How often the rendezvous looks for its peers: each look returns to Python, where Ctrl-C and SIGTERM are handled."""
 
 
 class PeerFailed(UserError):
@@ -234,8 +237,8 @@ def _connect(host: str, port: int, me: int, size: int, deadline: float, timeout:
                 f"(${RENDEZVOUS_TIMEOUT_VARIABLE} sets the wait)"
             )
         time.sleep(POLL_SECONDS)
-    try:
-        return TCPStore(host, port, size, False, datetime.timedelta(seconds=max(deadline - time.monotonic(), 1)))
+    try:  # a store that listens answers at once; a short timeout keeps this blocking call short
+        return TCPStore(host, port, size, False, datetime.timedelta(seconds=STORE_ANSWER_SECONDS))
     except torch.distributed.DistError as error:
         raise UserError(
             f"rank {me}: {host}:{port} answers but is not the job's store ({_first_line(error)}); check MASTER_ADDR "
