@@ -722,6 +722,67 @@ def test_sigterm_and_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(untr
     _assert_same_curves(straight, out)
 
 
+@pytest.mark.slow
+def test_sigterms_at_the_end_of_a_run_leave_every_output_and_exit_130(untrained_tiny, tmp_path):
+    """The issue's case: two SIGTERMs 50 ms apart while the final outputs were written exited 143 with no report.png
+    (the first cut the outputs short, the second landed in the interpreter's teardown, where Python's default
+    handler is back). Here SIGTERMs every 50 ms from the final adapter's first file until the process ends."""
+    out = tmp_path / "run"
+    no_report_before_the_end = ("--set", "training.save_steps=0")  # a checkpoint's report.png would hide the bug
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dpo_cli", *map(str, _train_args(untrained_tiny, out, 2, *no_report_before_the_end))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_subprocess_env(),
+    )
+    while run.poll() is None and not (out / "adapter_model.safetensors").exists():
+        time.sleep(0.002)
+    assert run.poll() is None, "the run ended before the signals; the test no longer tests anything"
+    signals = 0
+    while run.poll() is None:
+        run.send_signal(signal.SIGTERM)
+        signals += 1
+        time.sleep(0.05)
+    _, stderr = run.communicate(timeout=60)
+    assert signals >= 2
+    assert run.returncode == 130, (run.returncode, stderr)
+    line = _one_error_line(stderr)
+    assert "interrupted by SIGTERM after the last step (2); the final outputs were written" in line, line
+    assert (out / "report.png").stat().st_size > 0
+    assert "dpo-cli" in (out / "README.md").read_text(), "the model card, not PEFT's README"
+    assert load_file(str(out / "adapter_model.safetensors"))
+    assert (out / "train_summary.txt").is_file()
+
+
+def test_a_held_block_finishes_and_only_the_first_signal_raises(monkeypatch):
+    from dpo_cli.run import interrupts
+
+    previous = interrupts.install()
+    try:
+        with interrupts.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # a handler that raised would raise here
+            finished = True
+        assert finished and interrupts.received() == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a held block refuses to start once a signal came
+            with interrupts.held():
+                pass
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal is remembered only: it cannot cut a save short
+        time.sleep(0.05)
+        assert interrupts.received() == "SIGTERM"
+    finally:
+        interrupts.restore(previous)
+    previous = interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        assert interrupts.received() == "SIGINT"
+    finally:
+        interrupts.restore(previous)
+
+
 def _tree(folder: Path) -> dict[str, bytes]:
     """Each file's bytes; the lock file (the pid of whoever held it last) is not content."""
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != ".dpo-cli.lock"}
