@@ -12,6 +12,11 @@ at the same step: the loss is checked summed over ranks), `my_micro_batches` (th
 `main_process_first` (the data cache is built once, then read by all) and
 `wrap_policy` (the forward DDP must see: see `PolicyForward`). When a peer dies, its collectives fail here and become
 one line (`PeerFailed`); the launcher then ends the job with the failed rank's own message.
+
+`start` joins the job: each process checks in at the job's TCPStore (`rendezvous_store`) in short polls from Python,
+so a peer that never comes is one line after $DPO_CLI_RENDEZVOUS_TIMEOUT seconds and Ctrl-C/SIGTERM end the wait
+(torch's own start waits in C++, where signal handlers never run, for the collectives' 2-hour timeout). A launcher
+variable that is not a number or out of range is one line naming it.
 """
 
 from __future__ import annotations
