@@ -2,8 +2,9 @@
 
 `default_callbacks` is the list `dpo-cli train` runs with. Its order matters: periodic evaluation adds its metrics
 to the step's record before the metrics log writes it; the checkpointer saves after the record is on disk, so
-report.png and a resume see it; at the end the last checkpoint comes before the final evaluation, and the final
-adapter before the last report.png. Only the main process writes (run/distributed.py).
+report.png and a resume see it; after the last step come the final evaluation and the last checkpoint (a signal may
+end them, as during a step), then the outputs, which a signal does not cut short: the final metrics, the adapter,
+report.png and the model card. Only the main process writes (run/distributed.py).
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ class Callback:
         """Ctrl-C or SIGTERM during a step; `run.state` is still the last complete step."""
 
     def on_loop_end(self, run: Run, result: TrainResult) -> None:
-        """After the last step, before any `on_end`."""
+        """After the last step, before any `on_end`: work a signal may still interrupt (the final evaluation, the
+        last checkpoint); an interrupt here ends the run like one during a step."""
 
     def on_end(self, run: Run, result: TrainResult) -> None:
-        """The run's last work: the final evaluation, its metrics, the adapter, the report."""
+        """The run's last outputs: the final metrics, the adapter, the report, the model card. No signal interrupts
+        them (interrupts.held): they are written, then the run ends with 130 if one came."""
 
     def close(self, run: Run) -> None:
         """Releases what the callback holds (a live display), after the loop ends or fails."""
@@ -82,7 +85,8 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 class PeriodicEval(Callback):
-    """Evaluates every `eval_steps` steps into the step's record, and once more at the end (`result.final_eval`)."""
+    """Evaluates every `eval_steps` steps into the step's record, and once more after the last step
+    (`result.final_eval`)."""
 
     def __init__(self, eval_steps: int):
         self.eval_steps = eval_steps
@@ -91,7 +95,8 @@ class PeriodicEval(Callback):
         if run.eval_pairs and self.eval_steps and run.state.step % self.eval_steps == 0:
             record.update(evaluate(run))
 
-    def on_end(self, run: Run, result: TrainResult) -> None:
+    def on_loop_end(self, run: Run, result: TrainResult) -> None:
+        # Here, not in on_end: an evaluation may take minutes, and a signal must still be able to end it.
         if run.eval_pairs:
             result.final_eval = evaluate(run)
 

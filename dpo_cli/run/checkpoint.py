@@ -22,6 +22,7 @@ import json
 import pickle
 import random
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,23 +101,63 @@ def _unreadable(path: Path, why: str) -> UserError:
     )
 
 
+def refuse_links_and_special_files(path: Path) -> None:
+    """One line for a symlink, or anything but a plain file, in checkpoint folder `path` (or `path` itself a link).
+
+    dpo-cli writes neither, and a link would have `--resume` read whatever it points at (`/etc/passwd`, another run's
+    file); a pipe named like a checkpoint file would wait forever when opened."""
+    path = Path(path)
+    if path.is_symlink():
+        raise _linked(path)
+    for entry in sorted(path.iterdir()) if path.is_dir() else []:
+        if entry.is_symlink():
+            raise _linked(entry)
+        if not entry.is_file():
+            raise _unreadable(entry, "not a regular file; a checkpoint folder holds files only")
+
+
+def _linked(path: Path) -> UserError:
+    return UserError(
+        f"{path}: is a symbolic link, which dpo-cli never writes into a checkpoint; replace it by the file itself, "
+        f"or delete {path.parent if path.parent.name != CHECKPOINTS_DIR else path} to resume from the previous "
+        "checkpoint"
+    )
+
+
 def read_state(path: Path) -> TrainerState:
     """The trainer_state.json of checkpoint folder `path`, or one line saying it cannot be used."""
+    refuse_links_and_special_files(path)
     file = Path(path) / STATE_FILE
     try:
         values = json.loads(file.read_text(encoding="utf-8"))
         known = {f.name for f in dataclasses.fields(TrainerState)}
-        return TrainerState(**{key: value for key, value in values.items() if key in known})
+        state = TrainerState(**{key: value for key, value in values.items() if key in known})
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as error:
         raise _unreadable(file, error.__class__.__name__) from None
+    for name in ("step", "micro_batches_done", "total_steps", "num_tokens"):
+        value = getattr(state, name)
+        if type(value) is not int or value < 0:  # bool is an int to isinstance; JSON true is no count
+            raise _unreadable(file, f"{name} is {str(value)[:40]!r}, not a count")
+    for name in ("fixed_settings", "changeable_settings"):
+        if not isinstance(getattr(state, name), dict):
+            raise _unreadable(file, f"{name} is not a mapping")
+    return state
 
 
 def _load_tensors_file(file: Path):
+    """A `.pt` file as torch.save wrote it (a zip archive), loaded without unpickling anything but tensors and
+    plain values; one line for anything else: text, an empty or truncated file, another format, pickled objects."""
     try:
-        return torch.load(file, weights_only=True, map_location="cpu")
+        with file.open("rb") as handle:
+            if not zipfile.is_zipfile(handle):  # what torch.save writes; torch's legacy reader fails in many ways
+                raise _unreadable(file, "not a torch file: cut short, empty, or something else saved under its name")
+            handle.seek(0)
+            return torch.load(handle, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
         raise _unreadable(file, "it holds objects other than tensors and numbers, which are never loaded") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
+    except UserError:
+        raise
+    except Exception as error:  # a damaged archive fails inside torch in many ways; none is a bug of ours
         raise _unreadable(file, error.__class__.__name__) from None
 
 
@@ -125,25 +166,49 @@ def _load_adapter(file: Path) -> dict:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except (OSError, SafetensorError) as error:
         raise _unreadable(file, error.__class__.__name__) from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _unreadable(file, f"{name[:120]} holds NaN or infinite values")
+    return tensors
+
+
+def _restore_adapter(model, adapter: dict, file: Path) -> None:
+    """Every trainable (LoRA) weight of `model` from `adapter`: one missing, extra or of another shape is one line."""
+    from peft import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(model, adapter)
+    except RuntimeError as error:  # torch's size mismatch
+        raise UserError(f"{file}: checkpoint adapter does not fit this model/recipe ({_first_line(error)})") from None
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"{file}: checkpoint adapter does not fit this model/recipe (e.g. {result.unexpected_keys[0]})")
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    missing = sorted(trainable & set(getattr(result, "missing_keys", ())))
+    if missing:
+        raise UserError(
+            f"{file}: checkpoint adapter lacks {len(missing)} of the {len(trainable)} LoRA weights (e.g. {missing[0]})"
+            f"; delete {file.parent} to resume from the previous checkpoint"
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else error.__class__.__name__)[:200]
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     """Restore the adapter weights, optimizer, scheduler and RNG states of checkpoint folder `path`."""
-    from peft import set_peft_model_state_dict
-
     path = Path(path)
-    state = read_state(path)
+    state = read_state(path)  # refuses links first
     adapter = _load_adapter(path / ADAPTER_FILE)
     check_adapter_weights(path, f"delete {path} to resume from the previous checkpoint, or start a new run")
     optimizer_state = _load_tensors_file(path / "optimizer.pt")
     scheduler_state = _load_tensors_file(path / "scheduler.pt")
     rng = _load_tensors_file(path / "rng.pt")
-    result = set_peft_model_state_dict(model, adapter)
-    if getattr(result, "unexpected_keys", None):
-        raise UserError(f"{path}: checkpoint adapter does not fit this model/recipe (e.g. {result.unexpected_keys[0]})")
+    _restore_adapter(model, adapter, path / ADAPTER_FILE)
     for file, restore in (
         ("optimizer.pt", lambda: optimizer.load_state_dict(optimizer_state)),
         ("scheduler.pt", lambda: scheduler.load_state_dict(scheduler_state)),
@@ -153,7 +218,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
             restore()
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
             raise _unreadable(path / file, f"{error.__class__.__name__}: not what dpo-cli saves there") from None
+    problem = _optimizer_state_problem(optimizer)
+    if problem:
+        raise _unreadable(path / "optimizer.pt", problem)
     return state
+
+
+def _optimizer_state_problem(optimizer) -> str | None:
+    """What is wrong with the restored moments (load_state_dict checks neither): another shape than their weight's
+    would fail inside the first step, a non-finite one would make every update NaN."""
+    for param, per_param in optimizer.state.items():
+        for name, value in per_param.items():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                continue
+            if value.dim() and value.shape != param.shape:
+                return f"its {name} has shape {tuple(value.shape)}, its weight {tuple(param.shape)}"
+            if not bool(torch.isfinite(value).all()):
+                return f"its {name} holds NaN or infinite values"
+    return None
 
 
 def apply_schedule(optimizer, scheduler, lr: float, weight_decay: float, multiplier) -> None:

@@ -12,6 +12,11 @@ at the same step: the loss is checked summed over ranks), `my_micro_batches` (th
 `main_process_first` (the data cache is built once, then read by all) and
 `wrap_policy` (the forward DDP must see: see `PolicyForward`). When a peer dies, its collectives fail here and become
 one line (`PeerFailed`); the launcher then ends the job with the failed rank's own message.
+
+`start` joins the job: each process checks in at the job's TCPStore (`rendezvous_store`) in short polls from Python,
+so a peer that never comes is one line after $DPO_CLI_RENDEZVOUS_TIMEOUT seconds and Ctrl-C/SIGTERM end the wait
+(torch's own start waits in C++, where signal handlers never run, for the collectives' 2-hour timeout). A launcher
+variable that is not a number or out of range is one line naming it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import atexit
 import contextlib
 import datetime
 import os
+import socket
+import time
 from collections.abc import Iterator
 
 import torch
@@ -31,6 +38,16 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 """How long a rank waits in a collective for a peer that is alive but busy: long enough for rank 0 to prepare a large
 data set while the others wait at a barrier. A dead peer does not take this long: its connection closes (gloo raises
 at once) and the launcher stops the job when it sees the exit."""
+RENDEZVOUS_TIMEOUT_VARIABLE = "DPO_CLI_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT = 300.0
+"""Seconds a process waits at the start for every process of the job to arrive. Peers a launcher started arrive
+within seconds (loading nothing first); one that never comes is a stray WORLD_SIZE, or a node that was not started,
+and 2 hours (the collectives' timeout) would be a hang."""
+POLL_SECONDS = 0.1
+"""How often the rendezvous looks for its peers: each look returns to Python, where Ctrl-C and SIGTERM are handled."""
+STORE_ANSWER_SECONDS = 5
+"""How long a connection to a store that listens may take to be answered (a TCPStore answers in milliseconds)."""
+"""How often the rendezvous looks for its peers: each look returns to Python, where Ctrl-C and SIGTERM are handled."""
 
 
 class PeerFailed(UserError):
@@ -39,16 +56,45 @@ class PeerFailed(UserError):
     exit_code = 1
 
 
+def _launcher_count(name: str, default: int, minimum: int) -> int:
+    """A whole number the launcher set in `name` (or `default` without it), or one line naming the variable."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise UserError(
+            f"{name}={text[:40]!r} is not a whole number >= {minimum}; a launcher (torchrun, accelerate) sets it, "
+            f"so unset it to run one process, or start dpo-cli with the launcher"
+        )
+    return value
+
+
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _launcher_count("WORLD_SIZE", 1, 1)
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    value, size = _launcher_count("RANK", 0, 0), world_size()
+    if value >= size:
+        raise UserError(
+            f"RANK={value} but WORLD_SIZE={size}: a rank is 0 to WORLD_SIZE-1; unset RANK and WORLD_SIZE to run one "
+            "process, or start dpo-cli with a launcher (torchrun, accelerate), which sets both"
+        )
+    return value
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    value, size = _launcher_count("LOCAL_RANK", 0, 0), world_size()
+    if value >= size:
+        raise UserError(
+            f"LOCAL_RANK={value} but WORLD_SIZE={size}: a process's rank on its machine is below the job's size; "
+            "unset LOCAL_RANK to run one process, or start dpo-cli with a launcher (torchrun, accelerate)"
+        )
+    return value
 
 
 def is_distributed() -> bool:
@@ -88,22 +134,140 @@ def device_for(requested: torch.device) -> torch.device:
 def start(device: torch.device) -> None:
     """Join the job's process group (nccl on CUDA, gloo on CPU); nothing for a single process or if joined already.
 
-    The process keeps the group until it exits: joining again after leaving, in one process (a test running two
-    commands), hung in torchrun's rendezvous when tried, so a command never leaves the group early."""
+    Every process first checks in at the job's store (`rendezvous_store`), so a peer that never comes is one line
+    after $DPO_CLI_RENDEZVOUS_TIMEOUT seconds rather than a wait on the collectives' 2-hour timeout, and Ctrl-C or
+    SIGTERM ends the wait (exit 130). The process keeps the group until it exits: joining again after leaving, in one
+    process (a test running two commands), hung in torchrun's rendezvous when tried, so a command never leaves the
+    group early."""
     if not is_distributed() or _initialized():
         return
+    local_rank()  # a value out of range is one line now, not later on a GPU
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     options = {"device_id": device} if device.type == "cuda" else {}
+    store = rendezvous_store(rendezvous_timeout())
     try:
-        torch.distributed.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **options)
+        torch.distributed.init_process_group(
+            backend,
+            store=torch.distributed.PrefixStore("default_pg", store),  # as torch's own env:// start names its keys
+            rank=rank(),
+            world_size=world_size(),
+            timeout=COLLECTIVE_TIMEOUT,
+            **options,
+        )
         atexit.register(stop)
     except (ValueError, torch.distributed.DistError) as error:
         raise UserError(
-            f"cannot join the torch.distributed job (WORLD_SIZE={world_size()}, RANK={rank()}): {error}; "
+            f"cannot join the torch.distributed job (WORLD_SIZE={world_size()}, RANK={rank()}): {_first_line(error)}; "
             "start dpo-cli with torchrun or accelerate launch, which set MASTER_ADDR and MASTER_PORT"
         ) from None
+
+
+def rendezvous_timeout() -> float:
+    """$DPO_CLI_RENDEZVOUS_TIMEOUT in seconds (default 300), or one line naming it."""
+    text = os.environ.get(RENDEZVOUS_TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_RENDEZVOUS_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"{RENDEZVOUS_TIMEOUT_VARIABLE}={text[:40]!r} is not a number of seconds > 0; e.g. 300")
+    return seconds
+
+
+def _master_address() -> tuple[str, int]:
+    host, port_text = os.environ.get("MASTER_ADDR", "").strip(), os.environ.get("MASTER_PORT", "").strip()
+    if not host or not port_text:
+        missing = " and ".join(name for name, value in (("MASTER_ADDR", host), ("MASTER_PORT", port_text)) if not value)
+        raise UserError(
+            f"WORLD_SIZE={world_size()} says this is one of several processes, but {missing} is not set; start "
+            "dpo-cli with torchrun or accelerate launch, which set them, or unset WORLD_SIZE to run one process"
+        )
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 2**16:
+        raise UserError(f"MASTER_PORT={port_text[:40]!r} is not a TCP port (1 to 65535); set it to a free port")
+    return host, port
+
+
+def rendezvous_store(timeout: float):
+    """The job's TCPStore, once every rank has checked in there; one line naming the ranks that did not come within
+    `timeout` seconds. Each wait is short and in Python, so Ctrl-C and SIGTERM end it (interrupts.py)."""
+    host, port = _master_address()
+    me, size = rank(), world_size()
+    deadline = time.monotonic() + timeout
+    store = _connect(host, port, me, size, deadline, timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's agent store outlives a restarted job
+    keys = [f"dpo-cli/rendezvous/{attempt}/rank-{r}" for r in range(size)]
+    try:
+        store.set(keys[me], "here")
+        while missing := [r for r, key in enumerate(keys) if not store.check([key])]:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"rank {me}: {_ranks(missing)} of this WORLD_SIZE={size} job never came to {host}:{port} within "
+                    f"{timeout:g} s; start every process (torchrun --nproc-per-node, --nnodes), or unset WORLD_SIZE "
+                    f"and RANK to run one process (${RENDEZVOUS_TIMEOUT_VARIABLE} sets the wait)"
+                )
+            time.sleep(POLL_SECONDS)
+    except torch.distributed.DistError as error:  # the store's host (rank 0, or torchrun's agent) went away
+        raise PeerFailed(_peer_failure(error)) from None
+    store.set_timeout(COLLECTIVE_TIMEOUT)
+    return store
+
+
+def _connect(host: str, port: int, me: int, size: int, deadline: float, timeout: float):
+    """rank 0 opens the store at host:port (unless torchrun's agent holds it); the others connect, retrying in
+    one-second tries until `deadline`."""
+    from torch.distributed import TCPStore
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and me == 0:
+        try:
+            # wait_for_workers=False: the peers are awaited in rendezvous_store, where a signal can end the wait
+            return TCPStore(host, port, size, True, COLLECTIVE_TIMEOUT, wait_for_workers=False, multi_tenant=True)
+        except torch.distributed.DistError as error:
+            raise UserError(
+                f"rank 0 cannot open the job's store at port {port} ({_first_line(error)}); set MASTER_PORT to a free "
+                "port"
+            ) from None
+    while not _accepts_connections(host, port):
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"rank {me}: nothing answered at {host}:{port} (the job's store, kept by rank 0 or the launcher) "
+                f"within {timeout:g} s; check MASTER_ADDR and MASTER_PORT, and that rank 0 started "
+                f"(${RENDEZVOUS_TIMEOUT_VARIABLE} sets the wait)"
+            )
+        time.sleep(POLL_SECONDS)
+    try:  # a store that listens answers at once; a short timeout keeps this blocking call short
+        return TCPStore(host, port, size, False, datetime.timedelta(seconds=STORE_ANSWER_SECONDS))
+    except torch.distributed.DistError as error:
+        raise UserError(
+            f"rank {me}: {host}:{port} answers but is not the job's store ({_first_line(error)}); check MASTER_ADDR "
+            "and MASTER_PORT"
+        ) from None
+
+
+def _accepts_connections(host: str, port: int) -> bool:
+    """Whether something listens at host:port, asked in Python: TCPStore's own retries would each log a C++
+    stack trace, and would block for their whole timeout where a signal cannot end them."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _ranks(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:8])) + (f" and {len(numbers) - 8} more" if len(numbers) > 8 else "")
+    return f"rank {shown}" if len(numbers) == 1 else f"ranks {shown}"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [error.__class__.__name__])[0][:200]
 
 
 _ended_together = False
@@ -151,7 +315,7 @@ def _is_collective_failure(error: RuntimeError) -> bool:
 
 
 def _peer_failure(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [error.__class__.__name__])[0][:200]
+    first = _first_line(error)
     return (
         f"rank {rank()}: another process of this {world_size()}-process job stopped ({first}); its own error "
         "message above says why. Fix that and rerun, with --resume to continue from the last checkpoint"

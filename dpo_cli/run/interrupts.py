@@ -10,6 +10,12 @@ a finished-looking exit 0.
 The handler is installed even where SIGINT arrives ignored: a non-interactive shell starts its background jobs
 with SIGINT ignored, and a `kill -INT` (or Ctrl-C at a script running `dpo-cli train &`) then did nothing at all
 and the run went on to exit 0. Someone who sends the signal means it.
+
+Only the first signal of a command raises: a second one (Ctrl-C pressed twice, a scheduler's repeated SIGTERM) is
+remembered, so it cannot cut short the checkpoint the first one asked for. Inside `held()` (a run's last outputs)
+no signal raises: the outputs are finished, then the caller ends with 130. Once the command has ended, `ignore()`
+keeps a late signal from killing the process during the interpreter's teardown (it would turn 130 into 143: Python
+puts the default handlers back before it frees its modules).
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ import signal  # and nothing slower: __main__ installs the handler with this mod
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: str | None = None
+_holding = False
 
 
 def _handler(signum, frame) -> None:
     global _received
-    _received = signal.Signals(signum).name
-    raise KeyboardInterrupt
+    first = _received is None
+    _received = _received or signal.Signals(signum).name
+    if first and not _holding:
+        raise KeyboardInterrupt
 
 
 def install() -> dict:
@@ -45,6 +54,30 @@ def restore(previous: dict) -> None:
     _received = None
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+class held:
+    """A block that no signal interrupts: a signal is remembered (see `received`), and the block runs to its end.
+    For short work that must not be left half done (a finished run's outputs); the caller then checks `received`.
+    (A class, not a contextlib generator: this module imports nothing but `signal`, see __main__.)"""
+
+    def __enter__(self) -> None:
+        global _holding
+        raise_if_received()
+        self._before, _holding = _holding, True
+
+    def __exit__(self, *exc) -> None:
+        global _holding
+        _holding = self._before
+
+
+def ignore() -> None:
+    """From now on SIGINT and SIGTERM do nothing: the command is over and its exit code decided."""
+    try:
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 def received() -> str | None:

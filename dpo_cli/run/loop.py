@@ -161,8 +161,14 @@ def fit(run: Run, callbacks: list[Callback]) -> TrainResult:
     finally:
         for callback in callbacks:
             callback.close(run)
-    for callback in callbacks:
-        callback.on_end(run, result)
+    with interrupts.held():  # the last outputs are written whole, whatever signal comes (a second one included)
+        for callback in callbacks:
+            callback.on_end(run, result)
+    if interrupts.received():
+        raise TrainingInterrupted(
+            f"interrupted by {interrupts.received()} after the last step ({run.state.step}); the final outputs were "
+            f"written first, so the run in {run.output_dir} is complete"
+        )
     distributed.barrier()  # the other processes end once the main one has written the final outputs
     distributed.ended_together()
     result.steps = run.state.step

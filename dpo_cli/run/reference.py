@@ -22,7 +22,10 @@ The layout, batch size and device are left out on purpose: they change the value
 
 An entry is built under a temporary name and renamed into place, holding its lock in the cache's `locks/` (a second
 run with the same inputs waits, then reads it). An entry that is there but damaged (a file cut short or missing,
-another shape, a non-finite value) is never trusted: it is computed again, with a line saying so. A cache that
+another shape, a non-finite value, bytes that do not match the sha256 that `meta.json` recorded when it was written)
+is never trusted: it is computed again, with a line saying so. The hash is checked on every read (it costs about
+6 ms per million pairs, 8 MB, measured); it catches corruption and an edit of the values, not someone who rewrites
+`meta.json` to match: a cache folder is trusted like the model folder it was computed from. A cache that
 cannot be written is one line, and the values are kept in memory for this run only.
 
 `split_reference_logps` is the one call a run makes per split. It is two steps, `read_reference` and
@@ -219,6 +222,10 @@ def load_reference(cache: ReferenceCache) -> torch.Tensor:
     data = (cache.folder / LOGPS_FILE).read_bytes()
     if len(data) != meta["size"]:
         raise ValueError(f"{LOGPS_FILE} has {len(data)} bytes, {meta['size']} were written")
+    if "sha256" not in meta:
+        raise ValueError(f"{META_FILE} records no content hash (written by an older dpo-cli)")
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{LOGPS_FILE} does not match the content hash it was written with (changed or corrupted)")
     values = load(data).get("logps")
     if values is None or values.dtype != torch.float32 or tuple(values.shape) != (cache.num_pairs, 2):
         shape = "no logps" if values is None else f"{values.dtype} {tuple(values.shape)}"
@@ -252,7 +259,13 @@ def write_reference(folder: Path, values: torch.Tensor, cache: ReferenceCache, s
 
     data = save({"logps": values.contiguous()})
     write_bytes(folder / LOGPS_FILE, data)
-    meta = {"size": len(data), "num_pairs": cache.num_pairs, "seconds": seconds, "inputs": cache.inputs}
+    meta = {
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "num_pairs": cache.num_pairs,
+        "seconds": seconds,
+        "inputs": cache.inputs,
+    }
     (folder / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 

@@ -120,14 +120,131 @@ def test_a_tampered_rng_file_does_not_run_and_is_one_line(run_copy, untrained_ti
     assert not marker.exists(), "the pickled object's code ran"
 
 
-@pytest.mark.parametrize("name", ["optimizer.pt", "rng.pt", "scheduler.pt", "adapter_model.safetensors"])
-def test_a_truncated_checkpoint_file_is_one_line(run_copy, untrained_tiny, capsys, name):
-    file = run_copy / "checkpoints" / STEP_DIR / name
+CHECKPOINT_FILES = ["optimizer.pt", "scheduler.pt", "rng.pt", "adapter_model.safetensors", "trainer_state.json"]
+
+
+def _garbage(file: Path) -> None:
+    """Text (the issue's case: /etc/passwd's lines): torch's unpickler ended in an IndexError traceback on it."""
+    file.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+
+
+def _empty(file: Path) -> None:
+    file.write_bytes(b"")
+
+
+def _truncated(file: Path) -> None:
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _passwd_link(file: Path) -> None:
+    file.unlink()
+    file.symlink_to("/etc/passwd")
+
+
+def _all_files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` by relative path (a link by its target); the lock file's pid is not content."""
+    return {
+        str(path.relative_to(folder)): str(path.readlink()).encode() if path.is_symlink() else path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if (path.is_file() or path.is_symlink()) and path.name != ".dpo-cli.lock"
+    }
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+@pytest.mark.parametrize("damage", [_garbage, _empty, _truncated, _passwd_link], ids=lambda f: f.__name__[1:])
+def test_a_checkpoint_file_that_is_not_ours_is_one_line_and_nothing_is_written(
+    run_copy, untrained_tiny, capsys, name, damage
+):
+    damage(run_copy / "checkpoints" / STEP_DIR / name)
+    before = _all_files(run_copy)
     code, _, stderr = run_cli_inprocess(capsys, *_resume_args(untrained_tiny, run_copy))
     assert code == 2
     line = _one_error_line(stderr)
-    assert f"{STEP_DIR}/{name}: checkpoint file is unreadable" in line and "delete" in line, line
+    what = "is a symbolic link" if damage is _passwd_link else "checkpoint file is unreadable"
+    assert f"{STEP_DIR}/{name}: {what}" in line and "delete" in line, line
+    assert _all_files(run_copy) == before
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "README.md", STEP_DIR])
+def test_a_link_anywhere_in_a_checkpoint_is_refused_before_the_model_loads(
+    run_copy, untrained_tiny, capsys, monkeypatch, name
+):
+    """Files resume does not read, and the step folder itself: dpo-cli never writes a link there."""
+    from dpo_cli.run import setup as setup_module
+
+    monkeypatch.setattr(setup_module, "load_base_model", _must_not_load)
+    path = run_copy / "checkpoints" / name
+    if name == STEP_DIR:
+        shutil.move(path, run_copy / "elsewhere")
+        path.symlink_to(run_copy / "elsewhere")
+    else:
+        path = run_copy / "checkpoints" / STEP_DIR / name
+        path.unlink()
+        path.symlink_to("/etc/passwd")
+    code, _, stderr = run_cli_inprocess(capsys, *_resume_args(untrained_tiny, run_copy))
+    assert code == 2
+    assert f"{path}: is a symbolic link" in _one_error_line(stderr)
+
+
+def _rewrite_adapter(folder: Path, change) -> None:
+    from safetensors.torch import save_file
+
+    file = folder / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    change(tensors)
+    save_file(tensors, str(file))
+
+
+def _nan_weight(tensors: dict) -> None:
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone()
+    tensors[first][0, 0] = float("nan")
+
+
+def _other_shape(tensors: dict) -> None:
+    tensors[sorted(tensors)[0]] = torch.zeros(3, 3)
+
+
+def _missing_weight(tensors: dict) -> None:
+    del tensors[sorted(tensors)[0]]
+
+
+def _nan_moment(folder: Path) -> None:
+    state = torch.load(folder / "optimizer.pt", weights_only=True)
+    state["state"][0]["exp_avg"][0] = float("inf")
+    torch.save(state, folder / "optimizer.pt")
+
+
+def _moment_of_other_shape(folder: Path) -> None:
+    state = torch.load(folder / "optimizer.pt", weights_only=True)
+    state["state"][0]["exp_avg"] = torch.zeros(2, 2)
+    torch.save(state, folder / "optimizer.pt")
+
+
+def _state_of_other_types(folder: Path) -> None:
+    file = folder / "trainer_state.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "step": "two"}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: _rewrite_adapter(f, _nan_weight), "holds NaN or infinite values"),
+        (lambda f: _rewrite_adapter(f, _other_shape), "does not fit this model/recipe (size mismatch"),
+        (lambda f: _rewrite_adapter(f, _missing_weight), "checkpoint adapter lacks 1 of the"),
+        (_nan_moment, "optimizer.pt: checkpoint file is unreadable (its exp_avg holds NaN"),
+        (_moment_of_other_shape, "optimizer.pt: checkpoint file is unreadable (its exp_avg has shape (2, 2)"),
+        (_state_of_other_types, "trainer_state.json: checkpoint file is unreadable (step is 'two', not a count"),
+    ],
+    ids=["nan-adapter", "adapter-shape", "adapter-missing", "nan-moment", "moment-shape", "state-types"],
+)
+def test_well_formed_checkpoint_files_with_wrong_contents_are_one_line(
+    run_copy, untrained_tiny, capsys, damage, message
+):
+    damage(run_copy / "checkpoints" / STEP_DIR)
+    code, _, stderr = run_cli_inprocess(capsys, *_resume_args(untrained_tiny, run_copy))
+    assert code == 2
+    assert message in _one_error_line(stderr)
 
 
 def test_a_truncated_trainer_state_is_one_line_before_the_model_loads(run_copy, untrained_tiny, capsys, monkeypatch):
@@ -603,6 +720,67 @@ def test_sigterm_and_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(untr
     code, _, stderr = run_cli_inprocess(capsys, *_train_args(untrained_tiny, out, steps, "--resume"))
     assert code == 0, stderr
     _assert_same_curves(straight, out)
+
+
+@pytest.mark.slow
+def test_sigterms_at_the_end_of_a_run_leave_every_output_and_exit_130(untrained_tiny, tmp_path):
+    """The issue's case: two SIGTERMs 50 ms apart while the final outputs were written exited 143 with no report.png
+    (the first cut the outputs short, the second landed in the interpreter's teardown, where Python's default
+    handler is back). Here SIGTERMs every 50 ms from the final adapter's first file until the process ends."""
+    out = tmp_path / "run"
+    no_report_before_the_end = ("--set", "training.save_steps=0")  # a checkpoint's report.png would hide the bug
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dpo_cli", *map(str, _train_args(untrained_tiny, out, 2, *no_report_before_the_end))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_subprocess_env(),
+    )
+    while run.poll() is None and not (out / "adapter_model.safetensors").exists():
+        time.sleep(0.002)
+    assert run.poll() is None, "the run ended before the signals; the test no longer tests anything"
+    signals = 0
+    while run.poll() is None:
+        run.send_signal(signal.SIGTERM)
+        signals += 1
+        time.sleep(0.05)
+    _, stderr = run.communicate(timeout=60)
+    assert signals >= 2
+    assert run.returncode == 130, (run.returncode, stderr)
+    line = _one_error_line(stderr)
+    assert "interrupted by SIGTERM after the last step (2); the final outputs were written" in line, line
+    assert (out / "report.png").stat().st_size > 0
+    assert "dpo-cli" in (out / "README.md").read_text(), "the model card, not PEFT's README"
+    assert load_file(str(out / "adapter_model.safetensors"))
+    assert (out / "train_summary.txt").is_file()
+
+
+def test_a_held_block_finishes_and_only_the_first_signal_raises(monkeypatch):
+    from dpo_cli.run import interrupts
+
+    previous = interrupts.install()
+    try:
+        with interrupts.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # a handler that raised would raise here
+            finished = True
+        assert finished and interrupts.received() == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a held block refuses to start once a signal came
+            with interrupts.held():
+                pass
+        os.kill(os.getpid(), signal.SIGINT)  # a second signal is remembered only: it cannot cut a save short
+        time.sleep(0.05)
+        assert interrupts.received() == "SIGTERM"
+    finally:
+        interrupts.restore(previous)
+    previous = interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        assert interrupts.received() == "SIGINT"
+    finally:
+        interrupts.restore(previous)
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

@@ -4,6 +4,7 @@ computed again; a run, an eval step or `dpo-cli eval` that finds it never runs t
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -242,12 +243,40 @@ def _damage_missing(entry):
 
 
 def _rewrite(entry, values):
+    """New values with a consistent size and content hash in meta.json: only the values themselves tell."""
     from safetensors.torch import save
 
     data = save({"logps": values})
     (entry / "logps.safetensors").write_bytes(data)
     meta = json.loads((entry / "meta.json").read_text())
-    (entry / "meta.json").write_text(json.dumps({**meta, "size": len(data)}))  # a consistent size: only values tell
+    meta.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+def _tamper(entry):
+    """The issue's case: the cached chosen log-probs lowered by 500, same shape and size, meta.json untouched."""
+    from safetensors.torch import load, save
+
+    path = entry / "logps.safetensors"
+    values = load(path.read_bytes())["logps"]
+    values[:, 0] -= 500
+    data = save({"logps": values})
+    assert len(data) == path.stat().st_size
+    path.write_bytes(data)
+
+
+def _damage_one_byte(entry):
+    path = entry / "logps.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # a bit flip in a float: still finite, same size
+    path.write_bytes(bytes(data))
+
+
+def _damage_no_hash(entry):
+    """An entry of an older dpo-cli, whose meta.json records sizes only."""
+    meta = json.loads((entry / "meta.json").read_text())
+    del meta["sha256"]
+    (entry / "meta.json").write_text(json.dumps(meta))
 
 
 def _damage_shape(entry):
@@ -267,8 +296,11 @@ def _damage_nan(entry):
         (_damage_missing, "No such file"),
         (_damage_shape, "(9, 2)"),
         (_damage_nan, "non-finite"),
+        (_tamper, "does not match the content hash"),
+        (_damage_one_byte, "does not match the content hash"),
+        (_damage_no_hash, "records no content hash"),
     ],
-    ids=["truncated", "missing", "shape", "nan"],
+    ids=["truncated", "missing", "shape", "nan", "tampered", "bit-flip", "no-hash"],
 )
 def test_a_damaged_entry_is_computed_again_with_a_note(inputs, tmp_path, damage, why):
     cache = tmp_path / "cache"
