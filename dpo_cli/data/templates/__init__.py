@@ -123,6 +123,11 @@ def is_template_file(spec: str) -> bool:
     return bool(spec) and spec != TOKENIZER and spec not in BUILTIN_TOKENS
 
 
+def template_file(spec: str) -> str:
+    """The file `spec` names, or "" for a built-in name or the model's own template."""
+    return spec if is_template_file(spec) else ""
+
+
 def resolve_chat_template(spec: str, tokenizer) -> ChatTemplate:
     """The template `--chat-template`/`data.chat_template` names: a built-in name, a Jinja file, or `tokenizer` (or
     empty) for the model's own, whose text may be "" (no template)."""
