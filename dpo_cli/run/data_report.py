@@ -101,6 +101,7 @@ def print_examples(examples: list[dict], console: Console) -> None:
             f"{TRAINED_END}",
             style="bold",
             markup=False,
+            soft_wrap=True,
         )
         for name, completion in example["completions"].items():
             text = Text(f"prompt + {name}:\n", style="dim")
