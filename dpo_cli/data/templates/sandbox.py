@@ -396,6 +396,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(), namespace=_Namespace
         )
         self._guards = _Guards.identifier
+        self._guard_methods = self.extensions[_Guards.identifier]
 
     def _parse(self, source, name, filename):
         return _BoundTheTemplate(self._guards).visit(super()._parse(source, name, filename))
@@ -407,6 +408,8 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         return budget.check(super().call_binop(context, operator, left, right), f"a value ({operator})")
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
+        if getattr(__obj, "__self__", None) is __self._guard_methods:  # our own guards: they count for themselves
+            return __obj(*args)
         budget = _budget()
         budget.tick()
         _pre_call(__obj, args, kwargs, budget)
