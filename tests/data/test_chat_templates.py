@@ -425,3 +425,27 @@ def test_template_bombs_end_in_one_line_within_seconds_and_bounded_memory(tmp_pa
     baseline = json.loads(done.stdout.split("RESULTS ")[-1])["a plain template first"]["peak_mb"]
     assert results[list(runs)[-1]]["peak_mb"] - baseline < 300, (baseline, results)
     assert len(list((tmp_path / "cache" / "prepared").iterdir())) == 1  # the plain one's: the bombs wrote nothing
+
+
+@pytest.mark.slow
+def test_train_eval_and_resume_with_a_built_in_name(tmp_path, capsys):
+    """A name is not a file: train and eval take it (the adapter's recipe keeps it), and --resume with another
+    template is refused like a changed template file."""
+    stories = require_shared(STORIES_MODEL)
+    data = tmp_path / "conv.jsonl"
+    records = [{"prompt": [{"role": "user", "content": f"Tell me story {i}."}]} for i in range(8)]
+    for i, record in enumerate(records):
+        record["chosen"] = [{"role": "assistant", "content": f"Once upon a time there was a happy cat {i}."}]
+        record["rejected"] = [{"role": "assistant", "content": f"No {i}."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "run"
+    train = ("train", "--model", stories, "--data", data, "--output-dir", out, "--batch-size", 4, "--max-steps", 2)
+    settings = ("--set", "model.gradient_checkpointing=false", "--set", "training.save_steps=1")
+    code, _, stderr = run_cli_inprocess(capsys, *train, *settings, "--chat-template", "zephyr")
+    assert code == 0, stderr
+    assert "chat_template: zephyr" in (out / "recipe.yaml").read_text(encoding="utf-8")
+    code, stdout, stderr = run_cli_inprocess(capsys, "eval", "--adapter", out, "--data", data)
+    assert code == 0, stderr
+    assert "eval data: 8 pairs" in stdout
+    code, _, stderr = run_cli_inprocess(capsys, *train, *settings, "--chat-template", "alpaca", "--resume")
+    assert code == 2 and "data.chat_template was zephyr [content " in stderr and "now alpaca [content " in stderr
