@@ -182,6 +182,70 @@ def test_ids_equal_transformers_apply_chat_template(tokenizer, name):
         )
 
 
+def _trl_templates():
+    try:
+        import trl
+    except ImportError:
+        return []
+    from pathlib import Path
+
+    return sorted((Path(trl.__file__).parent / "chat_templates").glob("*.jinja"))
+
+
+def _rendered(text, messages, generation, renderer):
+    try:
+        return renderer(text, messages, generation)
+    except Exception as error:  # both must refuse the same conversations
+        return f"error {error.__class__.__name__}"
+
+
+@pytest.mark.parametrize("path", _trl_templates(), ids=lambda p: p.name)
+def test_real_templates_render_as_transformers_renders_them(path):
+    """TRL ships 70-odd real models' templates (tools, dates, thinking, {% generation %} blocks): each renders the
+    same text in our sandbox as in transformers' environment, or both refuse the conversation."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def ours(text, messages, generation):
+        return render(text, RenderLimits(), messages=messages, add_generation_prompt=generation, tools=None,
+                      documents=None, bos_token="<s>", eos_token="</s>")  # fmt: skip
+
+    def theirs(text, messages, generation):
+        rendered, _ = render_jinja_template(
+            [messages], chat_template=text, add_generation_prompt=generation, bos_token="<s>", eos_token="</s>"
+        )
+        return rendered[0]
+
+    text = path.read_text(encoding="utf-8")
+    for messages, generation in ((SYSTEM + TURNS, False), (SYSTEM + TURNS[:-1], True), (TURNS, False)):
+        assert _rendered(text, messages, generation, ours) == _rendered(text, messages, generation, theirs)
+
+
+@pytest.mark.parametrize(
+    ("name", "trl_name"),
+    [("qwen2.5", "qwen2_5"), ("qwen3", "qwen3"), ("gemma", "gemma"), ("gemma3", "gemma3"), ("phi3", "phi3"),
+     ("llama3", "llama3")],
+)  # fmt: skip
+def test_built_in_templates_render_as_trl_s_copies_of_the_originals(name, trl_name):
+    """Where TRL keeps a copy of the model's original template, ours renders every conversation without tools the
+    same (DeepSeek's there is R1's, which opens a <think> block: ours is V3's own)."""
+    copies = {path.stem: path for path in _trl_templates()}
+    if trl_name not in copies:
+        pytest.skip("needs TRL's chat_templates")
+    bos, eos = "<B>", "<E>"
+
+    def rendered(text, messages, generation):
+        return _rendered(
+            text, messages, generation, lambda t, m, g: ChatTemplate(t, name).render(_special(bos, eos), m, g)
+        )
+
+    original = copies[trl_name].read_text(encoding="utf-8")
+    for messages in (SYSTEM + TURNS, TURNS, TURNS[:1], SYSTEM + TURNS[:1]):
+        for generation in (False, True):
+            assert rendered(builtin_template_text(name), messages, generation) == rendered(
+                original, messages, generation
+            )
+
+
 # Resolving --chat-template ----------------------------------------------------------------------------------------
 
 
@@ -276,7 +340,7 @@ def test_the_prepared_data_key_follows_the_template_text_not_its_name(tokenizer,
 
 # Hostile templates ------------------------------------------------------------------------------------------------
 
-LIMITS = RenderLimits(max_chars=100_000, max_steps=200_000, seconds=3)
+LIMITS = RenderLimits(max_chars=100_000, max_steps=200_000, seconds=2)
 BOMBS = {
     "string times a huge number": "{{ 'x' * 2000000000 }}",
     "list times a huge number": "{{ ([1] * 1000000000)|length }}",
@@ -321,7 +385,7 @@ def test_a_hostile_template_stops_at_its_limits_in_a_second(name):
     started = time.perf_counter()
     with pytest.raises(TemplateBoundExceeded):
         render(BOMBS[name], LIMITS, messages=TURNS, add_generation_prompt=False)
-    assert time.perf_counter() - started < 3.5
+    assert time.perf_counter() - started < 4  # the 2 s deadline at the latest, on a loaded machine
 
 
 def test_lipsum_is_not_there():

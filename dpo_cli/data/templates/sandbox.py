@@ -409,7 +409,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
         if getattr(__obj, "__self__", None) is __self._guard_methods:  # our own guards: they count for themselves
-            return __obj(*args)
+            kwargs.pop("_loop_vars", None)  # what jinja passes for context.call, which this skips
+            kwargs.pop("_block_vars", None)
+            return __obj(*args, **kwargs)
         budget = _budget()
         budget.tick()
         _pre_call(__obj, args, kwargs, budget)
