@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from dpo_cli.data.arrow import TOKENIZED_COLUMNS, loaded_text
 from dpo_cli.data.formats import Text
 from dpo_cli.data.records import PreferencePair
-from dpo_cli.data.templates import BUILTIN_NAMES, ChatTemplate, RenderLimits, template_of_tokenizer
+from dpo_cli.data.templates import (
+    BUILTIN_NAMES,
+    ChatTemplate,
+    RenderLimits,
+    template_of_tokenizer,
+    use_chat_template,  # noqa: F401 (it lived here: callers may import it from here)
+)
 from dpo_cli.errors import UserError
 
 ID_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]

@@ -388,6 +388,13 @@ def test_a_hostile_template_stops_at_its_limits_in_a_second(name):
     assert time.perf_counter() - started < 4  # the 2 s deadline at the latest, on a loaded machine
 
 
+def test_a_huge_template_is_refused_before_it_is_compiled():
+    from dpo_cli.data.templates.sandbox import MAX_TEMPLATE_CHARS
+
+    with pytest.raises(TemplateBoundExceeded, match="characters long"):
+        render("x" * (MAX_TEMPLATE_CHARS + 1), LIMITS, messages=TURNS)
+
+
 def test_lipsum_is_not_there():
     import jinja2
 

@@ -49,7 +49,8 @@ class RenderLimits:
     """The largest value (characters of a string, elements and contents of a list) and the longest rendered text."""
     max_steps: int = 2_000_000
     """Loop iterations, calls, filters and operators of one rendering."""
-    seconds: float = 10.0
+    seconds: float = 5.0
+    """Real templates render a conversation in milliseconds."""
 
     @classmethod
     def for_window(cls, max_length: int, chars_per_token: int) -> RenderLimits:
