@@ -388,6 +388,23 @@ def test_a_hostile_template_stops_at_its_limits_in_a_second(name):
     assert time.perf_counter() - started < 4  # the 2 s deadline at the latest, on a loaded machine
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{{ messages|map(attribute='content')|join(', ') }}",
+        "{{ ', '.join(messages|map(attribute='content')) }}",
+        "{{ messages|selectattr('role', 'equalto', 'user')|map(attribute='content')|join }}",
+        "{{ messages[0]|tojson(indent=2) }}{{ messages|map(attribute='role')|list|tojson }}",
+    ],
+)
+def test_checked_filters_and_methods_render_as_jinja_does(text):
+    """The checks before `join` must not use up a lazy `|map` (which would join nothing)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    (theirs,), _ = render_jinja_template([TURNS], chat_template=text)
+    assert render(text, LIMITS, messages=TURNS) == theirs and "Hi" in theirs
+
+
 def test_a_huge_template_is_refused_before_it_is_compiled():
     from dpo_cli.data.templates.sandbox import MAX_TEMPLATE_CHARS
 

@@ -25,6 +25,7 @@ import json
 import re
 import string
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -178,6 +179,13 @@ def _joined_size(items, separator, budget: _Budget) -> int:
     return size_of(items, budget.limits.max_chars) + len(str(separator)) * len(items)
 
 
+def _materialized(args: tuple) -> tuple:
+    """`args` with a lazy first argument (`|map`, `|select`) made a list, so that checking it does not use it up."""
+    if args and isinstance(args[0], Iterator):
+        return (list(args[0]), *args[1:])
+    return args
+
+
 def _pre_binop(operator: str, left, right, budget: _Budget) -> None:
     if operator == "*":
         for sequence, times in ((left, right), (right, left)):
@@ -247,9 +255,10 @@ def _pre_filter(name: str, args, kwargs, budget: _Budget) -> None:
     elif name in ("batch", "slice"):
         count = rest[0] if rest else 1
         budget.allow(count if isinstance(count, int) else 0, f"a {name} of lists")
-    elif name == "tojson":
+    elif name == "tojson":  # JSON is a few times its value at most, plus the indentation of each nested element
         indent = rest[1] if len(rest) > 1 else kwargs.get("indent")
-        budget.allow(size_of(value, budget.limits.max_chars) * (8 + _width(indent or 0, 0)), "a JSON text")
+        if _width(indent or 0, 0) > 64:
+            raise TemplateBoundExceeded("indents JSON by more than 64, which the sandbox does not allow")
     elif name == "sum":
         start = rest[1] if len(rest) > 1 else kwargs.get("start", 0)
         if not isinstance(start, int | float):
@@ -326,6 +335,8 @@ def _bounded_filter(name: str, function):
     def bounded(context, *args, **kwargs):
         budget = _budget()
         budget.tick()
+        if name == "join":
+            args = _materialized(args)
         _pre_filter(name, args, kwargs, budget)
         if passes is jinja2.utils._PassArg.context:
             result = function(context, *args, **kwargs)
@@ -415,6 +426,8 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             return __obj(*args, **kwargs)
         budget = _budget()
         budget.tick()
+        if isinstance(getattr(__obj, "__self__", None), str | bytes) and getattr(__obj, "__name__", "") == "join":
+            args = _materialized(args)
         _pre_call(__obj, args, kwargs, budget)
         return budget.check(super().call(__context, __obj, *args, **kwargs), "a value (a call)")
 
