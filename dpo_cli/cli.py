@@ -70,28 +70,34 @@ def train(
 def data_check(
     files: list[Path] = typer.Argument(..., help="Preference files (any format and container) to check."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    show: int = typer.Option(
+        0, "--show", help="Print the first N pairs as the model sees them: template applied, trained part marked."
+    ),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     *,
     overrides: dict,
 ):
     """Formats, counts, invalid records per reason, token lengths, duplicates; exits 1 when a record is invalid.
-    With --model, token lengths by that model's tokenizer."""
+    With --model, token lengths by that model's tokenizer, and --show N prints examples."""
     import json
 
     from dpo_cli.config import recipe_from_dict
     from dpo_cli.data.check import check_files, has_problems
     from dpo_cli.files import standard_json
     from dpo_cli.model.load import load_tokenizer
-    from dpo_cli.run.data_report import print_check_report, progress_to
+    from dpo_cli.run.data_report import print_check_report, print_examples, progress_to
 
     recipe = recipe_from_dict(overrides)
+    if show < 0 or (show and not recipe.model.path):
+        raise UserError(f"--show {show}: pass a number of pairs to show, with --model (its tokenizer renders them)")
     progress = Console(stderr=True, quiet=as_json)  # progress lines never mix into the JSON on stdout
     model = recipe.model.path or None
     tokenizer = load_tokenizer(model, trust_remote_code) if model is not None else None
-    report = check_files([str(f) for f in files], recipe.data, tokenizer, model, progress_to(progress))
+    report = check_files([str(f) for f in files], recipe.data, tokenizer, model, progress_to(progress), show)
     if as_json:
         print(json.dumps(standard_json(report), indent=2, ensure_ascii=False, allow_nan=False))
     else:
+        print_examples(report.get("examples", []), console)
         print_check_report(report, console)
     if has_problems(report):
         sys.exit(1)

@@ -101,7 +101,8 @@ class DataSection:
     """error: the first bad record stops the run with its file and line; skip: set bad records aside, count them and
     write them to skipped-{split}.jsonl in the output folder."""
     chat_template: str = field(default="", metadata={"flag": "--chat-template"})
-    """A Jinja chat template file for conversational data, when the tokenizer has none (or to replace its own)."""
+    """The chat template of conversational data: tokenizer (the model's own, the default), a built-in name (chatml,
+    llama3, qwen2.5, qwen3, gemma, gemma3, mistral, phi3, phi4, deepseek3, zephyr, alpaca) or a Jinja file."""
     eval_split: float = field(default=0.0, metadata={"flag": "--eval-split"})
     """With no eval files: hold out this fraction of the training pairs (the same ones for the same data) as eval."""
     cache_dir: str = ""

@@ -9,6 +9,7 @@ return reports, the commands render them). Its modules, bottom to top:
   readers   files and containers: .jsonl/.json (.gz, .zst), .parquet, save_to_disk folders; file-level problems
   records   every record of a file becomes pairs or an InvalidRecord with its place (ReadOptions, ReadResult)
   skipped   records set aside: the on_invalid policy, the summary by reason, skipped-<split>.jsonl
+  templates which chat template (built-in name, file, the model's own) and rendering it in a bounded sandbox
   tokenize  token ids exactly as TRL 1.16 makes them, one pair or one bounded `datasets.map` batch
   arrow     the two Arrow tables of a prepared split and how a pair's texts are stored in them
   cache     where prepared splits are kept: keys, the lock, opening (damaged: None) and building an entry

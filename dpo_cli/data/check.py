@@ -2,9 +2,10 @@
 
 For each file: the detected format, how many records and pairs, the invalid records per reason (with the first
 places), exact duplicates and pairs whose chosen equals rejected. With a model's tokenizer also the token lengths
-of prompt, chosen and rejected (mean, p50, p95, max) and how many pairs `max_length` would cut or drop. The report
-is a dict the command prints as tables for people or JSON for machines; checking prepares the data the same way
-training does, so a check warms the cache for the run that follows.
+of prompt, chosen and rejected (mean, p50, p95, max) and how many pairs `max_length` would cut or drop, and with
+`show` the first pairs as the model sees them (`shown_example`). The report is a dict the command prints as tables
+for people or JSON for machines; checking prepares the data the same way training does, so a check warms the cache
+for the run that follows.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ TOKEN_FIELDS = ("prompt", "chosen", "rejected")
 
 
 def check_files(
-    paths: list[str], data: DataSection, tokenizer=None, model: str | None = None, progress: Progress = no_progress
+    paths: list[str],
+    data: DataSection,
+    tokenizer=None,
+    model: str | None = None,
+    progress: Progress = no_progress,
+    show: int = 0,
 ) -> dict:
     """The report of `paths` read with `data`'s settings; every problem is counted, none stops the check.
 
     With `tokenizer` (that of `model`, named in the report) the pairs are tokenized as training would, and the
-    report has token lengths; `progress` hears what is happening as it happens.
+    report has token lengths and, under "examples", the first `show` trainable pairs as the model sees them;
+    `progress` hears what is happening as it happens.
     """
     data = dataclasses.replace(data, on_invalid="skip")
     if tokenizer is None:
@@ -43,7 +50,36 @@ def check_files(
     problems = prepared.tokenization_problems(prepared.problem_rows())
     report = _report(prepared.read, problems, columns, data.max_length)
     report["model"] = model
+    if show:
+        report["examples"] = _shown_pairs(prepared, tokenizer, show)
     return report
+
+
+def _shown_pairs(prepared, tokenizer, count: int) -> list[dict]:
+    """The first `count` pairs that will be trained on, as `shown_example`s."""
+    trainable = np.flatnonzero(np.asarray(prepared.tokenized["problem"]) == "")[:count].tolist()
+    rows = prepared.tokenized.select(trainable)
+    sources = prepared.texts.select(trainable)["source"]
+    return [
+        shown_example(
+            tokenizer, source, row["prompt_ids"], {"chosen": row["chosen_ids"], "rejected": row["rejected_ids"]}
+        )
+        for source, row in zip(sources, rows, strict=True)
+    ]
+
+
+def shown_example(tokenizer, source: str, prompt_ids: list[int], completions: dict[str, list[int]]) -> dict:
+    """One example as the model sees it, after the template and the cut to max_length: the text of the prompt and
+    of each completion (the trained tokens), and their token counts. Any objective's examples fit: a preference
+    pair has chosen and rejected completions, a supervised one a single completion."""
+    prompt = tokenizer.decode(prompt_ids)
+    texts = {}
+    for name, ids in completions.items():
+        whole = tokenizer.decode(list(prompt_ids) + list(ids))
+        # decoded together, so a word split across the boundary reads as it will; alone if the prompt's text moved
+        texts[name] = whole[len(prompt) :] if whole.startswith(prompt) else tokenizer.decode(ids)
+    tokens = {"prompt": len(prompt_ids)} | {name: len(ids) for name, ids in completions.items()}
+    return {"source": source, "prompt": prompt, "completions": texts, "tokens": tokens}
 
 
 def _check_without_tokenizer(paths: list[str], data: DataSection) -> dict:

@@ -20,7 +20,8 @@ from dpo_cli.data.decode import MAX_RECORD_BYTES
 from dpo_cli.data.formats import parse_columns
 from dpo_cli.data.readers import check_readable
 from dpo_cli.data.records import InvalidRecord, ReadOptions, ReadResult, iter_file_pairs, json_line
-from dpo_cli.data.tokenize import PAIR_TEXTS, chars_per_token, require_chat_template, tokenize_batch, use_chat_template
+from dpo_cli.data.templates import ChatTemplate, use_chat_template
+from dpo_cli.data.tokenize import PAIR_TEXTS, chars_per_token, require_chat_template, tokenize_batch
 from dpo_cli.errors import UserError
 
 WRITE_BATCH = 10_000
@@ -103,8 +104,7 @@ def prepare_split(
     options = read_options(data)
     for path in paths:  # before fingerprinting them: a missing file is the user's one-line error, not a traceback
         check_readable(path)
-    if data.chat_template:
-        use_chat_template(tokenizer, data.chat_template)
+    template = use_chat_template(tokenizer, data.chat_template)  # its text is part of the tokenizer's fingerprint
     settings = {"format": options.format, "columns": options.columns, "max_length": data.max_length}
     root = cache_root(data.cache_dir)
     target = root / "prepared" / prepared_key(paths, settings, tokenizer_fingerprint(tokenizer))
@@ -115,7 +115,7 @@ def prepare_split(
     def build(folder: Path) -> None:
         say(f"reading {', '.join(map(str, paths))}")
         read, written = write_texts(folder, paths, options, tokenizer)
-        tokenized_files = tokenize_texts(folder, tokenizer, data.max_length, written, say)
+        tokenized_files = tokenize_texts(folder, tokenizer, data.max_length, written, say, template)
         write_meta(folder, read, tokenized_files)
 
     (texts, tokenized, read), from_cache = open_or_build(target, build, say)
@@ -153,7 +153,9 @@ def write_texts(folder: Path, paths: list[str], options: ReadOptions, tokenizer=
     return result, written
 
 
-def tokenize_texts(folder: Path, tokenizer, max_length: int, written: int, say: Progress) -> list[str]:
+def tokenize_texts(
+    folder: Path, tokenizer, max_length: int, written: int, say: Progress, template: ChatTemplate | None = None
+) -> list[str]:
     """Tokenize `folder/texts.arrow` into `folder/tokenized*.arrow`, on all cores for many pairs; the file names."""
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
@@ -168,7 +170,12 @@ def tokenize_texts(folder: Path, tokenizer, max_length: int, written: int, say: 
         tokenize_batch,
         batched=True,
         batch_size=1000,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_token_chars": chars_per_token(tokenizer)},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_length": max_length,
+            "max_token_chars": chars_per_token(tokenizer),
+            "template": template,
+        },
         remove_columns=["prompt", "chosen", "rejected", "is_chat", "source"],
         features=tokenized_features(),
         num_proc=workers,

@@ -25,8 +25,14 @@ from dataclasses import dataclass, field
 from dpo_cli.data.arrow import TOKENIZED_COLUMNS, loaded_text
 from dpo_cli.data.formats import Text
 from dpo_cli.data.records import PreferencePair
+from dpo_cli.data.templates import (
+    BUILTIN_NAMES,
+    ChatTemplate,
+    RenderLimits,
+    template_of_tokenizer,
+    use_chat_template,  # noqa: F401 (it lived here: callers may import it from here)
+)
 from dpo_cli.errors import UserError
-from dpo_cli.files import read_user_text
 
 ID_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
 PAIR_TEXTS = ("prompt", "chosen", "rejected")
@@ -81,19 +87,33 @@ def split_at_divergence(
     return prompt_ids[:prompt_len], prompt_chosen_ids[prompt_len:], prompt_rejected_ids[prompt_len:]
 
 
-def chat_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of a rendered conversation, as TRL's `_tokenize` gets them."""
-    rendered = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
-    return list(rendered["input_ids"])
+def chat_ids(
+    tokenizer,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool = False,
+    template: ChatTemplate | None = None,
+    limits: RenderLimits = RenderLimits(),
+) -> list[int]:
+    """Token ids of a rendered conversation, as TRL's `_tokenize` gets them from `apply_chat_template`: the text
+    rendered (here by our bounded renderer, `template` or the tokenizer's own), then tokenized without special
+    tokens added."""
+    template = template or template_of_tokenizer(tokenizer)
+    text = template.render(tokenizer, messages, add_generation_prompt, limits)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def chat_pair_ids(tokenizer, prompt: Text, chosen: Text, rejected: Text) -> tuple[list[int], list[int], list[int]]:
+def chat_pair_ids(
+    tokenizer,
+    prompt: Text,
+    chosen: Text,
+    rejected: Text,
+    template: ChatTemplate | None = None,
+    limits: RenderLimits = RenderLimits(),
+) -> tuple[list[int], list[int], list[int]]:
     return split_at_divergence(
-        chat_ids(tokenizer, prompt, add_generation_prompt=True),
-        chat_ids(tokenizer, prompt + chosen),
-        chat_ids(tokenizer, prompt + rejected),
+        chat_ids(tokenizer, prompt, True, template, limits),
+        chat_ids(tokenizer, prompt + chosen, False, template, limits),
+        chat_ids(tokenizer, prompt + rejected, False, template, limits),
     )
 
 
@@ -150,21 +170,12 @@ def tokenize_pairs(
 # Chat templates ---------------------------------------------------------------------------------------------------
 
 
-def use_chat_template(tokenizer, path: str) -> None:
-    """Give the tokenizer the Jinja template in `path`; it is then saved with the adapter's tokenizer too."""
-    template = read_user_text(path, "chat template file", "pass a Jinja template with --chat-template")
-    tokenizer.chat_template = template
-    try:
-        chat_ids(tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    except Exception as error:  # jinja2 syntax and render errors have many types; all mean the template is broken
-        raise UserError(f"{path}: the chat template does not render ({error.__class__.__name__}: {error})") from None
-
-
 def require_chat_template(tokenizer, pair: PreferencePair, format_name: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             f"{pair.source}: {format_name} data is a conversation, and the tokenizer has no chat template to "
-            "render it; pass --chat-template FILE.jinja (recipe key data.chat_template)"
+            f"render it; pass --chat-template NAME ({', '.join(BUILTIN_NAMES)}) or FILE.jinja (recipe key "
+            "data.chat_template)"
         )
 
 
@@ -208,14 +219,20 @@ def _head(text: Text, max_chars: int, max_messages: int) -> Text:
 
 
 def tokenize_batch(
-    batch: dict[str, list], tokenizer, max_length: int, max_token_chars: int = MIN_CHARS_PER_TOKEN
+    batch: dict[str, list],
+    tokenizer,
+    max_length: int,
+    max_token_chars: int = MIN_CHARS_PER_TOKEN,
+    template: ChatTemplate | None = None,
 ) -> dict[str, list]:
     """`datasets.map` function: the texts of a batch of pairs -> cut ids, full lengths and any problem per pair.
 
     The work per pair is bounded: a prompt of more than `max_length * max_token_chars` characters cannot fit and is
     not tokenized. A completion is cut to twice that before tokenizing: the kept tokens come from its first
     `max_length * max_token_chars` characters at most, and as much text again after them keeps any merge across the
-    cut far from the window. Its token count is then counted up to the cut (still more than fits)."""
+    cut far from the window. Its token count is then counted up to the cut (still more than fits). A conversation
+    is rendered with `template` (default: the tokenizer's own) within limits derived from the same window, so the
+    rendered text is bounded before it is tokenized; a template going over them stops everything in one line."""
     size = len(batch["prompt"])
     max_prompt_chars = max_length * max_token_chars
     max_completion_chars = 2 * max_prompt_chars
@@ -231,10 +248,13 @@ def tokenize_batch(
         columns = [[texts[i][field] for i in text_rows] for field in range(3)]
         for i, ids in zip(text_rows, text_pairs_ids(tokenizer, *columns), strict=True):
             full[i] = ids
+    limits = RenderLimits.for_window(max_length, max_token_chars)
     for i in range(size):
         if batch["is_chat"][i] and not problems[i][0]:
             try:
-                full[i] = chat_pair_ids(tokenizer, *texts[i])
+                full[i] = chat_pair_ids(tokenizer, *texts[i], template, limits)
+            except UserError:  # the template went over its bounds: the template's fault, not this pair's
+                raise
             except Exception as error:  # templates raise their own errors (e.g. on roles that do not alternate)
                 problems[i] = ("chat template error", f"the chat template refused it ({error}); fix the template")
     out: dict[str, list] = {name: [] for name in TOKENIZED_COLUMNS}

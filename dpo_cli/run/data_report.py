@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dpo_cli.data.load import SplitReport, load_tokenized_split
 from dpo_cli.data.prepare import Progress
@@ -84,3 +85,26 @@ def print_check_report(report: dict, console: Console) -> None:
         f"{total['chosen_equals_rejected']:,} with chosen equal to rejected",
         markup=False,
     )
+
+
+TRAINED_START, TRAINED_END = "⟦", "⟧"
+"""Around the trained tokens of a shown example (also in a colour, where the terminal has one)."""
+
+
+def print_examples(examples: list[dict], console: Console) -> None:
+    """Each example of `data.check.shown_example` as the model sees it: the rendered prompt, then each completion
+    after it between ⟦ ⟧ (the tokens trained on), with the token counts."""
+    for number, example in enumerate(examples, start=1):
+        counts = ", ".join(f"{name} {count:,}" for name, count in example["tokens"].items())
+        console.print(
+            f"example {number} ({example['source']}): {counts} tokens; trained tokens between {TRAINED_START} "
+            f"{TRAINED_END}",
+            style="bold",
+            markup=False,
+            soft_wrap=True,
+        )
+        for name, completion in example["completions"].items():
+            text = Text(f"prompt + {name}:\n", style="dim")
+            text.append(example["prompt"])
+            text.append(TRAINED_START + completion + TRAINED_END, style="reverse")
+            console.print(text, soft_wrap=True)

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dpo_cli.data.split import SplitRequest
+from dpo_cli.data.templates import template_file
 from dpo_cli.errors import UserError
 from dpo_cli.files import standard_json, write_text_atomic
 from dpo_cli.model.adapter import load_base_tokenizer, load_policy, open_adapter
@@ -73,7 +74,7 @@ class EvalOptions:
 
     def check_outputs(self) -> None:
         """Each output file can be written and replaces nothing but an earlier output of its kind; no two coincide."""
-        inputs = [*self.data, str(self.overrides.get("data", {}).get("chat_template", ""))]
+        inputs = [*self.data, template_file(str(self.overrides.get("data", {}).get("chat_template", "")))]
         seen: dict[Path, str] = {}
         for flag, path in self.outputs():
             if path.is_dir():

@@ -11,6 +11,7 @@ its first step and says so. Settings in neither list (device, gradient checkpoin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 from dpo_cli.config import Recipe
@@ -63,6 +64,18 @@ def _file_contents(paths: list[str]) -> list[list[str | None]]:
     return contents
 
 
+def _chat_template_contents(spec: str) -> list[list[str | None]]:
+    """(name or path, hash of the template's text): a built-in template that changed between versions is a changed
+    setting, as an edited template file is; none for the model's own (model.path covers it)."""
+    from dpo_cli.data.templates import BUILTIN_NAMES, TOKENIZER, builtin_template_text
+
+    if not spec or spec == TOKENIZER:
+        return []
+    if spec in BUILTIN_NAMES:
+        return [[spec, hashlib.blake2b(builtin_template_text(spec).encode(), digest_size=16).hexdigest()]]
+    return _file_contents([spec])
+
+
 def _local_path(path: str) -> str:
     """A model folder by its absolute path, so `./m` and `/abs/m` are the same model; hub ids as given."""
     local = Path(path).expanduser()
@@ -81,7 +94,7 @@ def fixed_settings(recipe: Recipe) -> dict:
     values = _values(recipe, FIXED)
     values["model.path"] = _local_path(recipe.model.path)
     values["data.train"] = _file_contents(recipe.data.train)
-    values["data.chat_template"] = _file_contents([recipe.data.chat_template]) if recipe.data.chat_template else []
+    values["data.chat_template"] = _chat_template_contents(recipe.data.chat_template)
     return values
 
 

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from dpo_cli.config import Recipe
 from dpo_cli.data.split import training_requests
+from dpo_cli.data.templates import template_file
 from dpo_cli.dpo.layouts import pair_tokens, token_budget_batches
 from dpo_cli.dpo.scoring import ScoringModel, direct_logps
 from dpo_cli.errors import UserError
@@ -184,7 +185,7 @@ def check_output_dir(recipe: Recipe) -> Path:
         raise UserError(
             f"--output-dir {output_dir}: is or holds the base model's folder {model}; pick a folder of its own"
         )
-    for path in (*recipe.data.train, *recipe.data.eval, recipe.data.chat_template):
+    for path in (*recipe.data.train, *recipe.data.eval, template_file(recipe.data.chat_template)):
         if path and is_within(path, output_dir):
             raise UserError(f"--output-dir {output_dir}: holds the input file {path}; pick a folder of its own")
     check_folder_is_ours(output_dir, "train", "--output-dir", " or an earlier train run's; pick another --output-dir")

@@ -192,7 +192,7 @@ def test_bad_data_settings_are_named(tmp_path, capsys, train_args):
         ("--columns", "prompt=question"): f"error: {path}:1: field 'question': is missing; every record needs the "
         f"column 'question' (mapped to prompt by --columns){SKIP_HINT}\n",
         ("--chat-template", tmp_path / "none.jinja"): f"error: {tmp_path / 'none.jinja'}: chat template file not "
-        "found; pass a Jinja template with --chat-template\n",
+        "found; pass a Jinja template file, a built-in name or tokenizer with --chat-template\n",
     }
     for flags, expected in cases.items():
         code, _, stderr = run_cli_inprocess(capsys, *train_args(path, *flags))

@@ -36,7 +36,7 @@ def late_imports(source: str) -> list[str]:
 
 
 def _modules() -> list[Path]:
-    return sorted(Path(dpo_cli.data.__file__).parent.glob("*.py"))
+    return sorted(Path(dpo_cli.data.__file__).parent.rglob("*.py"))  # templates/ too
 
 
 def test_the_checks_find_an_upward_and_a_late_import():
