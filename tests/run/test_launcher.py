@@ -142,6 +142,7 @@ def test_a_stray_launcher_environment_ends_on_sigterm_with_130_within_seconds(un
             assert run.poll() is None and time.monotonic() < deadline, "the run did not reach its rendezvous"
             time.sleep(0.05)
         time.sleep(0.5)
+        peak_rss_mb = _peak_rss_mb(run.pid)
         run.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         _, stderr = run.communicate(timeout=30)
@@ -151,6 +152,15 @@ def test_a_stray_launcher_environment_ends_on_sigterm_with_130_within_seconds(un
     assert time.monotonic() - sent < 10
     assert _one_error_line(stderr) == "error: interrupted"
     assert not out.exists()
+    assert peak_rss_mb < 600, f"waiting for a peer costs what the imports cost ({peak_rss_mb:.0f} MB), no more"
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (Linux's VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc: this test needs Linux")
 
 
 def test_ctrl_c_ends_a_wait_for_a_store_that_never_opens_with_130(
