@@ -110,10 +110,11 @@ def meta_model(config, trust_remote_code: bool):
 
 
 def expected_keys(model, checkpoint_keys: Iterable[str]) -> tuple[dict[str, str], set[str], set[str]]:
-    """({checkpoint key: model key it loads into}, unexpected, missing), as transformers' loader matches them.
+    """({checkpoint key: model key} of the keys loaded as they are, unexpected keys, missing keys), matched as
+    transformers' loader matches them (its renamings, then its converters).
 
-    A key the model's conversion mapping fuses or splits (MoE experts) is matched to its target but keeps no shape to
-    compare: the caller compares shapes only for keys loaded as they are."""
+    A key the model's conversion mapping fuses or splits (MoE experts) counts as loaded but is left out of the first
+    mapping: its shape is the converter's business, so the caller compares shapes only for keys loaded as they are."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     from transformers.utils.loading_report import LoadStateDictInfo
@@ -136,7 +137,14 @@ def expected_keys(model, checkpoint_keys: Iterable[str]) -> tuple[dict[str, str]
         else:
             unexpected.add(key)
     missing = set(state) - set(loaded.values()) - set(getattr(model, "all_tied_weights_keys", {}) or {})
-    info = LoadStateDictInfo(missing, unexpected, set(), [], {}, set())
+    info = LoadStateDictInfo(
+        missing_keys=missing,
+        unexpected_keys=unexpected,
+        mismatched_keys=set(),
+        error_msgs=[],
+        conversion_errors={},
+        skipped_pp_keys=set(),
+    )
     model._adjust_missing_and_unexpected_keys(info)  # the model's own "may be absent" rules, as from_pretrained does
     return plain, info.unexpected_keys, info.missing_keys
 
