@@ -21,6 +21,7 @@ from dpo_cli.run import report
 from dpo_cli.run.metrics import MetricsLog
 from dpo_cli.run.run_folder import MAX_MAGNITUDE
 from tests.conftest import REPO, run_cli_inprocess
+from tests.test_config import _alias_bomb
 
 TRAIN_RECORD = {
     "step": 1,
@@ -223,6 +224,8 @@ def test_fuzz_recipe_fields(tmp_path, capsys, checking_draw, key, mangle):
         ("dpo: a string\n", None, "recipe.yaml: recipe section 'dpo' must be a mapping of keys to values, got str"),
         ("dpo:\n  beta: abc\n", None, "recipe.yaml: key dpo.beta is 'abc', not a positive number"),
         ("dpo:\n  reference_free: maybe\n", None, "key dpo.reference_free is 'maybe', not true or false"),
+        ("- 1\n- 2\n", None, "recipe.yaml: a recipe must be a mapping of sections"),
+        (_alias_bomb(8), None, "recipe.yaml:6: expands to more than 10,000 values"),
         (None, '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": ' + "9" * 400 + "}\n", None),
         (None, '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": ' + "9" * 5000 + "}\n", None),
         (None, '{"step": ' + "9" * 400 + ', "loss": 0.5}\n', "metrics.jsonl:1: a metrics record needs an integer"),
@@ -230,7 +233,8 @@ def test_fuzz_recipe_fields(tmp_path, capsys, checking_draw, key, mangle):
         (None, '{"step": 1, "loss": 0.5}\n' + "[" * 100000 + "\n", "metrics.jsonl:2: not a JSON record"),
         (None, '{"step": 1, "loss": 0.5}\n' + "x" * (2 << 20) + "\n", "metrics.jsonl:2: longer than 1,048,576 bytes"),
     ],
-    ids=["beta-0", "dpo-string", "beta-abc", "reference-free-maybe", "400-digits", "5000-digits", "step-400-digits",
+    ids=["beta-0", "dpo-string", "beta-abc", "reference-free-maybe", "recipe-list", "alias-bomb",
+         "400-digits", "5000-digits", "step-400-digits",
          "step-5000-digits", "deep", "long-line"],
 )  # fmt: skip
 def test_the_cases_found_are_one_line_or_a_counted_value(tmp_path, capsys, checking_draw, recipe, metrics, message):
