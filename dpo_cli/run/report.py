@@ -384,6 +384,8 @@ def check_output(path: Path, force: bool = False) -> None:
         return
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give --output a file name ending in {', '.join(FORMATS)}")
+    if not force and not path.is_file():  # a pipe or a device: reading it for the marker could block
+        raise UserError(f"{path}: exists and is not a regular file; give --output another name")
     if not force and not is_report_file(path):
         raise UserError(
             f"{path}: exists and is not a report drawn by dpo-cli; give --output another name, or add --force to "

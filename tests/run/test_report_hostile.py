@@ -333,6 +333,10 @@ def test_report_refuses_to_replace_a_file_that_is_not_a_report(tmp_path, capsys,
     assert code == 0, stderr
     assert photo.read_text().startswith("drawn: ")
 
+    os.mkfifo(tmp_path / "pipe.png")  # never opened: reading it would block
+    code, _, stderr = run_cli_inprocess(capsys, "report", folder, "--output", tmp_path / "pipe.png")
+    assert code == 2 and "pipe.png: exists and is not a regular file" in stderr
+
     (tmp_path / "folder.png").mkdir()
     code, _, stderr = run_cli_inprocess(capsys, "report", folder, "--output", tmp_path / "folder.png", "--force")
     assert code == 2 and "folder.png: is a folder" in stderr
