@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dpo_cli.config import RECIPE_FILENAME, Recipe, merge_overrides, read_recipe_file, recipe_from_dict
-from dpo_cli.errors import UserError
+from dpo_cli.errors import UserError, shown
 from dpo_cli.model.load import (
     IGNORED_RECIPE_TRUST,
     load_adapter,
@@ -95,15 +95,17 @@ def check_adapter_config(adapter_dir: Path) -> None:
     config = read_adapter_config(adapter_dir)
     where = f"{Path(adapter_dir) / 'adapter_config.json'}"
     if config.get("peft_type") != "LORA":
-        raise UserError(f"{where}: peft_type is {config.get('peft_type')!r}, not 'LORA'; this is not a LoRA adapter")
+        peft_type = shown(config.get("peft_type"))
+        raise UserError(f"{where}: peft_type is {peft_type}, not 'LORA'; this is not a LoRA adapter")
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise UserError(f"{where}: key r is {rank!r}, not a positive integer; the adapter folder is damaged")
+        raise UserError(f"{where}: key r is {shown(rank)}, not a positive integer; the adapter folder is damaged")
     if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha <= 0:
-        raise UserError(f"{where}: key lora_alpha is {alpha!r}, not a positive number; the adapter folder is damaged")
+        damaged = "the adapter folder is damaged"
+        raise UserError(f"{where}: key lora_alpha is {shown(alpha)}, not a positive number; {damaged}")
     targets = config.get("target_modules")
     if not targets or not isinstance(targets, (str, list)):
-        raise UserError(f"{where}: key target_modules is {targets!r}; the adapter folder is damaged")
+        raise UserError(f"{where}: key target_modules is {shown(targets)}; the adapter folder is damaged")
 
 
 def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
