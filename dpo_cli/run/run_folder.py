@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -130,7 +132,9 @@ def metrics_records(path: Path) -> Iterator[tuple[str, dict]]:
     """(where, record) for each record of a metrics.jsonl, read line by line. A running run may be mid-way through
     its last line: that line is left out. Anything else that is not a record with an integer step is one error."""
     try:
-        handle = open(path, "rb")  # noqa: SIM115 (closed below; the generator streams)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block, a device never end
+            raise UserError(f"{path}: not a regular file; pass a folder written by `dpo-cli train`")
+        handle = open(path, "rb")  # closed below, once streamed
     except FileNotFoundError:
         raise UserError(f"{path}: not found; pass a folder written by `dpo-cli train`") from None
     except OSError as error:

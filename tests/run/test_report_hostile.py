@@ -370,3 +370,24 @@ def test_figures_without_the_marker_are_not_reports(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png", pnginfo=info)
     assert not report.is_report_file(tmp_path / "plain.png")
     assert not report.is_report_file(tmp_path / "missing.png")
+
+
+def test_pipes_devices_and_huge_files_in_a_run_folder_are_one_line(tmp_path, capsys, checking_draw):
+    """Each would block, never end, or be read whole: refused before reading."""
+    cases = []
+    for name, make in [
+        ("recipe.yaml", lambda path: os.mkfifo(path)),
+        ("recipe.yaml", lambda path: path.symlink_to("/dev/zero")),
+        ("recipe.yaml", lambda path: path.write_text("# " + "x" * (2 << 20) + "\n")),
+        ("metrics.jsonl", lambda path: os.mkfifo(path)),
+        ("metrics.jsonl", lambda path: path.symlink_to("/dev/zero")),
+    ]:
+        root = tmp_path / str(len(cases))
+        root.mkdir()
+        folder = _run_folder(root, _metrics_text(), _recipe_text())
+        (folder / name).unlink()
+        make(folder / name)
+        code, _, stderr = run_cli_inprocess(capsys, "report", folder, "--output", root / "r.png")
+        cases.append(stderr)
+        assert code == 2 and len(stderr.splitlines()) == 1 and f"{name}: " in stderr, stderr
+        assert "not a regular file" in stderr or "bytes, not a recipe" in stderr, stderr
