@@ -105,8 +105,8 @@ def _draw_series(ax, run: RunFolder, series: Series, style: dict, with_eval: boo
     style = dict(style)
     marker = style.pop("marker")
     drawn = []
-    steps, values = run.points(series.metric, scale)
-    if steps:
+    steps, values = _thinned(*run.points(series.metric, scale))
+    if len(steps):
         ax.plot(steps, values, linewidth=1.3, label=series.label if solo else None, **style)
         drawn.append(series.metric)
     eval_metric = f"eval_{series.metric}"
@@ -117,6 +117,27 @@ def _draw_series(ax, run: RunFolder, series: Series, style: dict, with_eval: boo
         ax.plot(steps, values, label=label, **eval_style)
         drawn.append(eval_metric)
     return drawn
+
+
+MAX_DRAWN_POINTS = 4000
+"""Per curve: a panel is a few hundred pixels wide, and matplotlib's memory grows with the points (80,000 steps in
+16 curves took 130 MB to draw)."""
+
+
+def _thinned(steps, values, limit: int = MAX_DRAWN_POINTS):
+    """At most `limit` points of a curve, keeping each of limit/2 equal slices' lowest and highest point (in step
+    order), so spikes are drawn as they are; shorter curves are drawn whole."""
+    import numpy as np
+
+    if len(steps) <= limit:
+        return steps, values
+    steps, values = np.asarray(steps), np.asarray(values)
+    edges = np.linspace(0, len(values), limit // 2 + 1).astype(int)
+    keep = []
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        part = values[start:end]
+        keep += sorted({start + int(part.argmin()), start + int(part.argmax())})
+    return steps[keep], values[keep]
 
 
 def _style_legend(ax, panel: Panel, with_eval: bool) -> None:

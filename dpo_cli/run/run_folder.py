@@ -86,19 +86,20 @@ class RunFolder:
         column = self.columns.get(metric)
         return column[row] if column is not None else math.nan
 
-    def points(self, metric: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
-        """(steps, values) of one metric; a step logged twice (an eval at the last step, then the final eval)
+    def points(self, metric: str, scale: float = 1.0) -> tuple[array, array]:
+        """(steps, values) of one metric, as compact arrays (matplotlib keeps what it is given: lists of Python
+        floats would cost four times as much); a step logged twice (an eval at the last step, then the final eval)
         counts once, with its last value."""
         column = self.columns.get(metric)
         if column is None:
-            return [], []
+            return array("q"), array("d")
         by_step = {}
         for step, value in zip(self.steps, column, strict=True):
             scaled = value * scale
             if math.isfinite(scaled) and abs(scaled) <= MAX_MAGNITUDE:
                 by_step[step] = scaled
-        steps = sorted(by_step)
-        return steps, [by_step[s] for s in steps]
+        steps = array("q", sorted(by_step))
+        return steps, array("d", (by_step[s] for s in steps))
 
     @property
     def has_train(self) -> bool:

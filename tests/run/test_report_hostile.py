@@ -391,3 +391,20 @@ def test_pipes_devices_and_huge_files_in_a_run_folder_are_one_line(tmp_path, cap
         cases.append(stderr)
         assert code == 2 and len(stderr.splitlines()) == 1 and f"{name}: " in stderr, stderr
         assert "not a regular file" in stderr or "bytes, not a recipe" in stderr, stderr
+
+
+def test_long_curves_are_thinned_to_each_slices_lowest_and_highest_point():
+    """80,000 steps are drawn as 4,000 points: each of 2,000 slices keeps its lowest and highest, so a one-step
+    spike is still drawn; by hand on 12 points in 3 slices of 4."""
+    from array import array
+
+    steps = array("q", range(1, 13))
+    values = array("d", [5, 1, 9, 5, 5, 5, 5, 5, 2, 8, 5, 5])
+    thinned_steps, thinned_values = report._thinned(steps, values, limit=6)
+    assert list(thinned_steps) == [2, 3, 5, 9, 10] and list(thinned_values) == [1, 9, 5, 2, 8]
+    assert report._thinned(steps, values, limit=12) == (steps, values)
+
+    many = array("d", [0.0] * 80_000)
+    many[12_345] = 100.0
+    drawn_steps, drawn = report._thinned(array("q", range(80_000)), many)
+    assert len(drawn) <= report.MAX_DRAWN_POINTS and max(drawn) == 100.0 and 12_345 in list(drawn_steps)
