@@ -110,8 +110,8 @@ def _draw_series(ax, run: RunFolder, series: Series, style: dict, with_eval: boo
         ax.plot(steps, values, linewidth=1.3, label=series.label if solo else None, **style)
         drawn.append(series.metric)
     eval_metric = f"eval_{series.metric}"
-    steps, values = run.points(eval_metric, scale)
-    if with_eval and steps:
+    steps, values = _thinned(*run.points(eval_metric, scale))
+    if with_eval and len(steps):
         label = f"eval {series.label}" if solo else None
         eval_style = {**style, "linestyle": ":", "marker": marker, "markersize": 4, "linewidth": 1}
         ax.plot(steps, values, label=label, **eval_style)

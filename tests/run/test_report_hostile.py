@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import subprocess
 import sys
@@ -142,7 +143,7 @@ class _CheckingAxes:
     def plot(self, steps, values, **style):
         assert len(steps) == len(values) > 0
         for number in [*steps, *values]:
-            assert isinstance(number, int | float) and math.isfinite(number) and abs(number) <= MAX_MAGNITUDE
+            assert isinstance(number, numbers.Real) and math.isfinite(number) and abs(number) <= MAX_MAGNITUDE
         self.lines.append((steps, values))
 
     def get_lines(self):
@@ -408,3 +409,13 @@ def test_long_curves_are_thinned_to_each_slices_lowest_and_highest_point():
     many[12_345] = 100.0
     drawn_steps, drawn = report._thinned(array("q", range(80_000)), many)
     assert len(drawn) <= report.MAX_DRAWN_POINTS and max(drawn) == 100.0 and 12_345 in list(drawn_steps)
+
+
+def test_long_train_and_eval_curves_are_both_thinned(tmp_path):
+    from dpo_cli.run.run_folder import RunFolder
+
+    records = [{"step": s, "loss": 1 / s, "eval_loss": 2 / s, "eval_rewards/accuracies": 0.5} for s in range(1, 5001)]
+    run = RunFolder.from_records("long", tmp_path, records)
+    axes = _CheckingAxes()
+    report._draw_panel(axes, report.PANELS[0], [run])
+    assert [len(steps) for steps, _ in axes.lines] == [4000, 4000]
