@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -412,6 +413,22 @@ def _check_expanded_size(root: yaml.Node, limit: int) -> None:
     size(root)
 
 
+MAX_RECIPE_BYTES = 1 << 20
+"""A recipe is a few kB; a recipe.yaml in a folder someone handed you could be anything."""
+
+
+def _check_recipe_file(path: Path) -> None:
+    """A pipe or a device would block or never end; a huge file would be read whole. One line each instead."""
+    try:
+        info = path.stat()
+    except OSError:
+        return  # read_user_text says why, in its words
+    if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{path}: not a regular file; pass a YAML recipe file")
+    if info.st_size > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: {info.st_size:,} bytes, not a recipe (a few kB); pass a YAML recipe file")
+
+
 def load_yaml(text: str) -> Any:
     """YAML read safely (no Python objects) with aliases bounded; raises yaml.YAMLError, or RecursionError when the
     nesting is deeper than Python's stack."""
@@ -420,6 +437,7 @@ def load_yaml(text: str) -> Any:
 
 def read_recipe_file(path: Path) -> dict[str, Any]:
     """The raw mapping of a YAML recipe, with one-line errors for unreadable or malformed files."""
+    _check_recipe_file(Path(path))
     text = read_user_text(path, "recipe file", "pass a YAML recipe file")
     try:
         values = load_yaml(text) or {}

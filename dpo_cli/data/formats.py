@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from dpo_cli.errors import UserError
+from dpo_cli.errors import UserError, shown
 
 Messages = list[dict[str, str]]
 Text = str | Messages
@@ -244,7 +244,7 @@ def _sharegpt_messages(value: Any, field: str) -> Messages:
             raise RecordProblem(
                 "unsupported role",
                 where,
-                f"is {message['role']!r}",
+                f"is {shown(message['role'], 60)}",
                 f"use one of {', '.join(sorted(SHAREGPT_ROLES))}",
             )
         message["role"] = SHAREGPT_ROLES[message["role"]]
@@ -275,7 +275,7 @@ def _walk_oasst(message: Any, field: str, history: Messages, pairs: list[Pair]) 
     role = get_field(message, "role", "role, text and replies in every message")
     text = text_field(message, "text", "role, text and replies in every message")
     if role not in OASST_ROLES:
-        raise RecordProblem("unsupported role", f"{field}.role", f"is {role!r}", "use prompter or assistant")
+        raise RecordProblem("unsupported role", f"{field}.role", f"is {shown(role, 60)}", "use prompter or assistant")
     conversation = [*history, {"role": OASST_ROLES[role], "content": text}]
     replies = message.get("replies", [])
     if not isinstance(replies, list):

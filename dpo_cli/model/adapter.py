@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from dpo_cli.config import RECIPE_FILENAME, Recipe, merge_overrides, read_recipe_file, recipe_from_dict
-from dpo_cli.errors import UserError
+from dpo_cli.errors import UserError, shown
 from dpo_cli.model.base_weights import FLOAT_DTYPES, short, some_keys
 from dpo_cli.model.load import (
     IGNORED_RECIPE_TRUST,
@@ -102,21 +102,23 @@ def check_adapter_config(adapter_dir: Path) -> None:
     config = read_adapter_config(adapter_dir)
     where = f"{Path(adapter_dir) / 'adapter_config.json'}"
     if config.get("peft_type") != "LORA":
-        raise UserError(f"{where}: peft_type is {config.get('peft_type')!r}, not 'LORA'; this is not a LoRA adapter")
+        peft_type = shown(config.get("peft_type"))
+        raise UserError(f"{where}: peft_type is {peft_type}, not 'LORA'; this is not a LoRA adapter")
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise UserError(f"{where}: key r is {rank!r}, not a positive integer; the adapter folder is damaged")
+        raise UserError(f"{where}: key r is {shown(rank)}, not a positive integer; the adapter folder is damaged")
     if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha <= 0:
-        raise UserError(f"{where}: key lora_alpha is {alpha!r}, not a positive number; the adapter folder is damaged")
+        damaged = "the adapter folder is damaged"
+        raise UserError(f"{where}: key lora_alpha is {shown(alpha)}, not a positive number; {damaged}")
     targets = config.get("target_modules")
     if not targets or not isinstance(targets, (str, list)):
-        raise UserError(f"{where}: key target_modules is {short(repr(targets))}; the adapter folder is damaged")
+        raise UserError(f"{where}: key target_modules is {shown(targets)}; the adapter folder is damaged")
     dropout = config.get("lora_dropout", 0.0)
     if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise UserError(f"{where}: key lora_dropout is {short(repr(dropout))}, not a number in [0, 1); {DAMAGED}")
+        raise UserError(f"{where}: key lora_dropout is {shown(dropout)}, not a number in [0, 1); {DAMAGED}")
     for key in _FLAGS:
         if not isinstance(config.get(key, False), bool):
-            raise UserError(f"{where}: key {key} is {short(repr(config[key]))}, not true or false; {DAMAGED}")
+            raise UserError(f"{where}: key {key} is {shown(config[key])}, not true or false; {DAMAGED}")
 
 
 def adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:

@@ -105,18 +105,39 @@ def _draw_series(ax, run: RunFolder, series: Series, style: dict, with_eval: boo
     style = dict(style)
     marker = style.pop("marker")
     drawn = []
-    steps, values = run.points(series.metric, scale)
-    if steps:
+    steps, values = _thinned(*run.points(series.metric, scale))
+    if len(steps):
         ax.plot(steps, values, linewidth=1.3, label=series.label if solo else None, **style)
         drawn.append(series.metric)
     eval_metric = f"eval_{series.metric}"
-    steps, values = run.points(eval_metric, scale)
-    if with_eval and steps:
+    steps, values = _thinned(*run.points(eval_metric, scale))
+    if with_eval and len(steps):
         label = f"eval {series.label}" if solo else None
         eval_style = {**style, "linestyle": ":", "marker": marker, "markersize": 4, "linewidth": 1}
         ax.plot(steps, values, label=label, **eval_style)
         drawn.append(eval_metric)
     return drawn
+
+
+MAX_DRAWN_POINTS = 4000
+"""Per curve: a panel is a few hundred pixels wide, and matplotlib's memory grows with the points (80,000 steps in
+16 curves took 130 MB to draw)."""
+
+
+def _thinned(steps, values, limit: int = MAX_DRAWN_POINTS):
+    """At most `limit` points of a curve, keeping each of limit/2 equal slices' lowest and highest point (in step
+    order), so spikes are drawn as they are; shorter curves are drawn whole."""
+    import numpy as np
+
+    if len(steps) <= limit:
+        return steps, values
+    steps, values = np.asarray(steps), np.asarray(values)
+    edges = np.linspace(0, len(values), limit // 2 + 1).astype(int)
+    keep = []
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        part = values[start:end]
+        keep += sorted({start + int(part.argmin()), start + int(part.argmax())})
+    return steps[keep], values[keep]
 
 
 def _style_legend(ax, panel: Panel, with_eval: bool) -> None:
@@ -384,6 +405,8 @@ def check_output(path: Path, force: bool = False) -> None:
         return
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give --output a file name ending in {', '.join(FORMATS)}")
+    if not force and not path.is_file():  # a pipe or a device: reading it for the marker could block
+        raise UserError(f"{path}: exists and is not a regular file; give --output another name")
     if not force and not is_report_file(path):
         raise UserError(
             f"{path}: exists and is not a report drawn by dpo-cli; give --output another name, or add --force to "

@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 
 from dpo_cli.config import Recipe
-from dpo_cli.errors import UserError
+from dpo_cli.errors import UserError, shown
 
 FIXED = {
     "model": ("path", "quantize", "compute_dtype"),
@@ -134,4 +134,4 @@ def refuse_changed_fixed_settings(checkpoint: Path, saved: dict, now: dict) -> N
 
 def changed_settings(saved: dict, now: dict) -> list[str]:
     """'key old -> new' for each changeable setting the resumed run changes."""
-    return [f"{key} {saved[key]!r} -> {now[key]!r}" for key in now if key in saved and saved[key] != now[key]]
+    return [f"{key} {shown(saved[key])} -> {shown(now[key])}" for key in now if key in saved and saved[key] != now[key]]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -84,19 +86,20 @@ class RunFolder:
         column = self.columns.get(metric)
         return column[row] if column is not None else math.nan
 
-    def points(self, metric: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
-        """(steps, values) of one metric; a step logged twice (an eval at the last step, then the final eval)
+    def points(self, metric: str, scale: float = 1.0) -> tuple[array, array]:
+        """(steps, values) of one metric, as compact arrays (matplotlib keeps what it is given: lists of Python
+        floats would cost four times as much); a step logged twice (an eval at the last step, then the final eval)
         counts once, with its last value."""
         column = self.columns.get(metric)
         if column is None:
-            return [], []
+            return array("q"), array("d")
         by_step = {}
         for step, value in zip(self.steps, column, strict=True):
             scaled = value * scale
             if math.isfinite(scaled) and abs(scaled) <= MAX_MAGNITUDE:
                 by_step[step] = scaled
-        steps = sorted(by_step)
-        return steps, [by_step[s] for s in steps]
+        steps = array("q", sorted(by_step))
+        return steps, array("d", (by_step[s] for s in steps))
 
     @property
     def has_train(self) -> bool:
@@ -130,7 +133,9 @@ def metrics_records(path: Path) -> Iterator[tuple[str, dict]]:
     """(where, record) for each record of a metrics.jsonl, read line by line. A running run may be mid-way through
     its last line: that line is left out. Anything else that is not a record with an integer step is one error."""
     try:
-        handle = open(path, "rb")  # noqa: SIM115 (closed below; the generator streams)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block, a device never end
+            raise UserError(f"{path}: not a regular file; pass a folder written by `dpo-cli train`")
+        handle = open(path, "rb")  # closed below, once streamed
     except FileNotFoundError:
         raise UserError(f"{path}: not found; pass a folder written by `dpo-cli train`") from None
     except OSError as error:

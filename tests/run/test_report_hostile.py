@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from dpo_cli.run import report
 from dpo_cli.run.metrics import MetricsLog
 from dpo_cli.run.run_folder import MAX_MAGNITUDE
 from tests.conftest import REPO, run_cli_inprocess
+from tests.test_config import _alias_bomb
 
 TRAIN_RECORD = {
     "step": 1,
@@ -141,7 +143,7 @@ class _CheckingAxes:
     def plot(self, steps, values, **style):
         assert len(steps) == len(values) > 0
         for number in [*steps, *values]:
-            assert isinstance(number, int | float) and math.isfinite(number) and abs(number) <= MAX_MAGNITUDE
+            assert isinstance(number, numbers.Real) and math.isfinite(number) and abs(number) <= MAX_MAGNITUDE
         self.lines.append((steps, values))
 
     def get_lines(self):
@@ -223,6 +225,8 @@ def test_fuzz_recipe_fields(tmp_path, capsys, checking_draw, key, mangle):
         ("dpo: a string\n", None, "recipe.yaml: recipe section 'dpo' must be a mapping of keys to values, got str"),
         ("dpo:\n  beta: abc\n", None, "recipe.yaml: key dpo.beta is 'abc', not a positive number"),
         ("dpo:\n  reference_free: maybe\n", None, "key dpo.reference_free is 'maybe', not true or false"),
+        ("- 1\n- 2\n", None, "recipe.yaml: a recipe must be a mapping of sections"),
+        (_alias_bomb(8), None, "recipe.yaml:6: expands to more than 10,000 values"),
         (None, '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": ' + "9" * 400 + "}\n", None),
         (None, '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": ' + "9" * 5000 + "}\n", None),
         (None, '{"step": ' + "9" * 400 + ', "loss": 0.5}\n', "metrics.jsonl:1: a metrics record needs an integer"),
@@ -230,7 +234,8 @@ def test_fuzz_recipe_fields(tmp_path, capsys, checking_draw, key, mangle):
         (None, '{"step": 1, "loss": 0.5}\n' + "[" * 100000 + "\n", "metrics.jsonl:2: not a JSON record"),
         (None, '{"step": 1, "loss": 0.5}\n' + "x" * (2 << 20) + "\n", "metrics.jsonl:2: longer than 1,048,576 bytes"),
     ],
-    ids=["beta-0", "dpo-string", "beta-abc", "reference-free-maybe", "400-digits", "5000-digits", "step-400-digits",
+    ids=["beta-0", "dpo-string", "beta-abc", "reference-free-maybe", "recipe-list", "alias-bomb",
+         "400-digits", "5000-digits", "step-400-digits",
          "step-5000-digits", "deep", "long-line"],
 )  # fmt: skip
 def test_the_cases_found_are_one_line_or_a_counted_value(tmp_path, capsys, checking_draw, recipe, metrics, message):
@@ -329,6 +334,10 @@ def test_report_refuses_to_replace_a_file_that_is_not_a_report(tmp_path, capsys,
     assert code == 0, stderr
     assert photo.read_text().startswith("drawn: ")
 
+    os.mkfifo(tmp_path / "pipe.png")  # never opened: reading it would block
+    code, _, stderr = run_cli_inprocess(capsys, "report", folder, "--output", tmp_path / "pipe.png")
+    assert code == 2 and "pipe.png: exists and is not a regular file" in stderr
+
     (tmp_path / "folder.png").mkdir()
     code, _, stderr = run_cli_inprocess(capsys, "report", folder, "--output", tmp_path / "folder.png", "--force")
     assert code == 2 and "folder.png: is a folder" in stderr
@@ -362,3 +371,51 @@ def test_figures_without_the_marker_are_not_reports(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png", pnginfo=info)
     assert not report.is_report_file(tmp_path / "plain.png")
     assert not report.is_report_file(tmp_path / "missing.png")
+
+
+def test_pipes_devices_and_huge_files_in_a_run_folder_are_one_line(tmp_path, capsys, checking_draw):
+    """Each would block, never end, or be read whole: refused before reading."""
+    cases = []
+    for name, make in [
+        ("recipe.yaml", lambda path: os.mkfifo(path)),
+        ("recipe.yaml", lambda path: path.symlink_to("/dev/zero")),
+        ("recipe.yaml", lambda path: path.write_text("# " + "x" * (2 << 20) + "\n")),
+        ("metrics.jsonl", lambda path: os.mkfifo(path)),
+        ("metrics.jsonl", lambda path: path.symlink_to("/dev/zero")),
+    ]:
+        root = tmp_path / str(len(cases))
+        root.mkdir()
+        folder = _run_folder(root, _metrics_text(), _recipe_text())
+        (folder / name).unlink()
+        make(folder / name)
+        code, _, stderr = run_cli_inprocess(capsys, "report", folder, "--output", root / "r.png")
+        cases.append(stderr)
+        assert code == 2 and len(stderr.splitlines()) == 1 and f"{name}: " in stderr, stderr
+        assert "not a regular file" in stderr or "bytes, not a recipe" in stderr, stderr
+
+
+def test_long_curves_are_thinned_to_each_slices_lowest_and_highest_point():
+    """80,000 steps are drawn as 4,000 points: each of 2,000 slices keeps its lowest and highest, so a one-step
+    spike is still drawn; by hand on 12 points in 3 slices of 4."""
+    from array import array
+
+    steps = array("q", range(1, 13))
+    values = array("d", [5, 1, 9, 5, 5, 5, 5, 5, 2, 8, 5, 5])
+    thinned_steps, thinned_values = report._thinned(steps, values, limit=6)
+    assert list(thinned_steps) == [2, 3, 5, 9, 10] and list(thinned_values) == [1, 9, 5, 2, 8]
+    assert report._thinned(steps, values, limit=12) == (steps, values)
+
+    many = array("d", [0.0] * 80_000)
+    many[12_345] = 100.0
+    drawn_steps, drawn = report._thinned(array("q", range(80_000)), many)
+    assert len(drawn) <= report.MAX_DRAWN_POINTS and max(drawn) == 100.0 and 12_345 in list(drawn_steps)
+
+
+def test_long_train_and_eval_curves_are_both_thinned(tmp_path):
+    from dpo_cli.run.run_folder import RunFolder
+
+    records = [{"step": s, "loss": 1 / s, "eval_loss": 2 / s, "eval_rewards/accuracies": 0.5} for s in range(1, 5001)]
+    run = RunFolder.from_records("long", tmp_path, records)
+    axes = _CheckingAxes()
+    report._draw_panel(axes, report.PANELS[0], [run])
+    assert [len(steps) for steps, _ in axes.lines] == [4000, 4000]
