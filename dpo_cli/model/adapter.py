@@ -3,7 +3,9 @@
 `eval` and `merge-adapter` take only `--adapter DIR`. The saved recipe (DIR/recipe.yaml) says which base the adapter
 was trained on and how it was loaded (4-bit or not, compute dtype, device); `--model` overrides the base. Before the
 adapter goes on, its weights are checked against the base module by module: PEFT would otherwise stop on a
-size-mismatch traceback, or quietly give fresh (zero) LoRA layers to modules the file has no weights for.
+size-mismatch traceback, or quietly give fresh (zero) LoRA layers to modules the file has no weights for. Before
+any model loads, the file itself is checked (`check_adapter_weights`): only LoRA matrices of the configured rank,
+floats, and no NaN or inf, which would turn every metric and merged weight into NaN without a word.
 """
 
 from __future__ import annotations
