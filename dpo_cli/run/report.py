@@ -341,6 +341,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _number(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "-"  # NaN: the record had no usable value
+
+
 def _at(best: tuple[float, int] | None, digits: int) -> str:
     return f"{best[0]:.{digits}f} (step {best[1]})" if best else "-"
 
@@ -354,8 +358,8 @@ def summary_rows(summaries: list[RunSummary]) -> list[tuple[str, list[str]]]:
 
     return [
         ("steps", [str(s.steps) for s in summaries]),
-        ("loss (last step)", [f"{s.final['loss']:.4f}" for s in summaries]),
-        ("reward accuracy (last step)", [f"{s.final['rewards/accuracies']:.3f}" for s in summaries]),
+        ("loss (last step)", [_number(s.final["loss"], 4) for s in summaries]),
+        ("reward accuracy (last step)", [_number(s.final["rewards/accuracies"], 3) for s in summaries]),
         ("eval loss (final)", [final_eval(s, "loss", 4) for s in summaries]),
         ("eval reward accuracy (final)", [final_eval(s, "rewards/accuracies", 3) for s in summaries]),
         ("eval reward margin (final)", [final_eval(s, "rewards/margins", 4) for s in summaries]),
@@ -419,7 +423,7 @@ class ReportResult:
     figure: ReportFigure
     summaries: list[RunSummary]
     notes: list[str]
-    """One line per run folder whose metrics held values that are not finite numbers (not drawn)."""
+    """One line per run folder whose metrics held values that are not finite numbers within ±1e18 (not drawn)."""
 
 
 def report_runs(folders: list[Path], output: Path, force: bool = False) -> ReportResult:
@@ -428,8 +432,8 @@ def report_runs(folders: list[Path], output: Path, force: bool = False) -> Repor
     check_output(output, force)
     runs = read_runs(folders, COLUMNS)
     notes = [
-        f"{run.folder / METRICS_FILE}: {run.unusable:,} value{'s' if run.unusable > 1 else ''} not drawn, not finite "
-        f"numbers (the first: {run.first_unusable})"
+        f"{run.folder / METRICS_FILE}: {run.unusable:,} value{'s' if run.unusable > 1 else ''} not drawn, not a "
+        f"finite number within ±1e18 (the first: {run.first_unusable})"
         for run in runs
         if run.unusable
     ]

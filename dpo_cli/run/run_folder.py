@@ -115,10 +115,19 @@ def _finite(value: object) -> float | None:
     return number if math.isfinite(number) and abs(number) <= MAX_MAGNITUDE else None
 
 
-def _parse_int(text: str) -> int | float:
-    """JSON integers: exact when short; a longer one becomes a float (inf past 308 digits), never Python's
-    ValueError for 4,300 digits or an OverflowError when converted later."""
-    return int(text) if len(text) <= 18 else float(text)
+class _LongInteger:
+    """A JSON integer of more digits than any metric has (beyond MAX_MAGNITUDE): kept as its length only, never
+    converted (Python refuses 4,300 digits, and float() overflows past 308)."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits:,} digits"
+
+
+def _parse_int(text: str) -> int | _LongInteger:
+    return int(text) if len(text.lstrip("-")) <= 18 else _LongInteger(text)
 
 
 def _decode(line: bytes) -> object:
