@@ -55,6 +55,10 @@ class ModelSection:
     device: str = "auto"
     """auto (cuda if present, else cpu), cpu, cuda or cuda:N."""
     trust_remote_code: bool = False
+    from_adapter: str = field(default="", metadata={"flag": "--from-adapter"})
+    """train: a LoRA adapter folder (from `dpo-cli sft`, or any PEFT LoRA adapter of this base with the `lora`
+    section's rank, alpha and modules) that the policy starts from and that, frozen, is the reference: base + this
+    adapter, never the bare base. The run keeps a copy in its reference-adapter/ folder."""
 
     def __post_init__(self):
         _check_finite_floats("model", self)
