@@ -255,3 +255,19 @@ def test_an_adapter_of_another_shape_is_refused_by_its_tensors(stories_model, fe
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert "adapter is for another base: model.layers.0.mlp." in stderr and "172->64 in the adapter" in stderr, stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_keep_the_reference_adapter_out_of_ddp(stories_model, few_pairs, sft_adapter, tmp_path):
+    """torchrun (CPU, gloo), live reference: the reference pass switches adapters inside the DDP-wrapped run and
+    back, the frozen reference is no DDP parameter, and both ranks take the same (all-reduced) steps."""
+    from tests.run.test_distributed import PROCESSES, _finish, _log, _torchrun, _train_records
+
+    out, log = tmp_path / "ddp", tmp_path / "ddp.log"
+    args = _args(stories_model, few_pairs, out, sft_adapter, "--batch-size", 2, "--set", "dpo.precompute_ref=false")
+    code, output = _finish(_torchrun(tmp_path, [{"args": [str(a) for a in args[1:]], "log": str(log)}]), 300)
+    assert code == 0, output[-3000:]
+    records = _train_records(out)
+    assert records[0]["loss"] == pytest.approx(LOG_2, abs=1e-6) and records[1]["loss"] != records[0]["loss"]
+    ranks = [[entry["adapter"] for entry in _log(log, rank)] for rank in range(PROCESSES)]
+    assert ranks[0] == ranks[1] and len(set(ranks[0])) == 3, "same adapter on both ranks, changed at each step"
