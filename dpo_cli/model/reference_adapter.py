@@ -21,29 +21,28 @@ scores against the same reference wherever the folder goes.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from dpo_cli.config import LoraSection
+from dpo_cli.config import REFERENCE_COPY, LoraSection
 from dpo_cli.errors import UserError
 from dpo_cli.files import atomic_directory
 from dpo_cli.model.adapter import (
     ADAPTER_NAME,
     ADAPTER_WEIGHTS,
+    TrainedAdapter,
     adapter_shapes,
     check_adapter_config,
     check_adapter_fits,
+    load_policy,
 )
 from dpo_cli.model.load import REFERENCE_ADAPTER, read_adapter_config
 from dpo_cli.output_folder import file_above, honour_umask
 
 POLICY_ADAPTER = ADAPTER_NAME
 """The trained adapter's PEFT name ("default"): what checkpoints, the final adapter and merge-adapter hold."""
-REFERENCE_COPY = "reference-adapter"
-"""The folder, inside a run's output folder, holding the copy of the reference adapter."""
 ADAPTER_CONFIG = "adapter_config.json"
 HASH_CHUNK = 1 << 22
 REFERENCE_DIGEST_ATTRIBUTE = "dpo_cli_reference_sha256"
@@ -265,11 +264,19 @@ def reference_copy_of(run_dir: Path) -> Path | None:
     return copy if (copy / ADAPTER_CONFIG).is_file() else None
 
 
-def describe_adapter(adapter_dir: Path) -> dict:
-    """What the model card and recipe say of a reference adapter: where it came from and its content."""
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    return {
-        "path": str(adapter_dir),
-        "sha256": adapter_content_sha256(adapter_dir),
-        "base_model_name_or_path": config.get("base_model_name_or_path"),
-    }
+def load_policy_and_reference(adapter: TrainedAdapter):
+    """`adapter.load_policy`, plus, for a run started `--from-adapter`, its copy of that adapter as the frozen
+    reference; else the reference is the base (the adapter disabled). The copy is checked before the base loads."""
+    start = adapter.recipe.model.from_adapter
+    copy = reference_copy_of(adapter.path) if start else None
+    if start and copy is None:
+        raise UserError(
+            f"{adapter.path}: the run started from the adapter {start} (model.from_adapter), its reference, but has "
+            f"no {REFERENCE_COPY}/ folder holding it; copy the whole run folder, or evaluate a run folder that has it"
+        )
+    if copy is not None:
+        check_start_adapter(copy, adapter.recipe.lora, adapter.base_path)
+    model = load_policy(adapter)
+    if copy is not None:
+        add_reference_adapter(model, copy)
+    return model

@@ -28,6 +28,7 @@ def make_adapter(model_path: Path, folder: Path, lora: LoraSection | None = None
     from dpo_cli.model.load import load_base_model, lora_config
 
     base = load_base_model(ModelSection(path=str(model_path)), torch.device("cpu"))
+    torch.manual_seed(0)  # lora_A's initialisation: the same adapter in every session
     model = get_peft_model(base, lora_config(lora or LoraSection()))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -271,3 +272,91 @@ def test_two_processes_keep_the_reference_adapter_out_of_ddp(stories_model, few_
     assert records[0]["loss"] == pytest.approx(LOG_2, abs=1e-6) and records[1]["loss"] != records[0]["loss"]
     ranks = [[entry["adapter"] for entry in _log(log, rank)] for rank in range(PROCESSES)]
     assert ranks[0] == ranks[1] and len(set(ranks[0])) == 3, "same adapter on both ranks, changed at each step"
+
+
+REWARD_TOLERANCE = 5e-5
+"""Rewards are beta x differences of float32 log-prob sums of about -140 nats (ulp 1.5e-5): dpo-cli's fused, chunked,
+batched log-probs and a plain per-sequence log_softmax agree to a few ulps, up to 1.2e-5 in the rewards here."""
+
+
+def _completion_logps(model, prompt: list[int], completion: list[int]) -> float:
+    """log p(completion | prompt) from the model's own forward and a plain log-softmax (no dpo-cli scoring)."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logps = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    targets = ids[0, 1:]
+    token_logps = logps.gather(-1, targets[:, None])[:, 0]
+    return float(token_logps[len(prompt) - 1 :].sum())
+
+
+def test_eval_of_a_moved_run_scores_against_its_reference_adapter(
+    stories_model, stories_data, sft_adapter, tmp_path, capsys
+):
+    """A DPO run from an SFT-like adapter, moved elsewhere, its starting adapter deleted: eval's rewards are
+    beta * (log p_policy - log p_ref) with ref = base + that adapter, computed here with plain PEFT to 1e-5."""
+    from shutil import copytree, move, rmtree
+
+    from peft import PeftModel
+
+    from dpo_cli.data.records import read_jsonl
+    from dpo_cli.data.tokenize import tokenize_pairs
+    from dpo_cli.model.load import load_base_model, load_tokenizer
+
+    start = copytree(sft_adapter, tmp_path / "sft")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(stories_data["train"].read_text().splitlines(keepends=True)[:8]))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(stories_data["test"].read_text().splitlines(keepends=True)[:6]))
+    run = tmp_path / "run"
+    extra = ("--lr", "3e-4", "--max-steps", 2, "--batch-size", 8, "--beta", 0.2, "--set", "training.save_steps=0")
+    code, _, stderr = run_cli_inprocess(capsys, *_args(stories_model, data, run, start, *extra))
+    assert code == 0, stderr
+    recipe_text = (run / "recipe.yaml").read_text()
+    assert "reference-adapter/" in recipe_text and f"from_adapter: {start}" in recipe_text
+    assert "reference-adapter/" in (run / "README.md").read_text()
+    moved = Path(move(run, tmp_path / "elsewhere" / "run"))
+    rmtree(start)
+
+    per_pair = tmp_path / "per-pair.jsonl"
+    code, _, stderr = run_cli_inprocess(
+        capsys, "eval", "--adapter", moved, "--data", test, "--per-example", per_pair, "--output", tmp_path / "m.json"
+    )
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "m.json").read_text())["reference"] == str(moved / "reference-adapter")
+    rows = [json.loads(line) for line in per_pair.read_text().splitlines()]
+
+    tokenizer = load_tokenizer(str(stories_model))
+    pairs, _ = tokenize_pairs(tokenizer, list(read_jsonl(test)), 96)
+    section = ModelSection(path=str(stories_model))
+    cpu = torch.device("cpu")
+    reference = PeftModel.from_pretrained(load_base_model(section, cpu), str(moved / "reference-adapter"))
+    policy = PeftModel.from_pretrained(load_base_model(section, cpu), str(moved))
+    bare = load_base_model(section, cpu)
+    assert len(rows) == len(pairs) == 6
+    for row, pair in zip(rows, pairs, strict=True):
+        for side in ("chosen", "rejected"):
+            completion = pair[f"{side}_ids"]
+            expected = 0.2 * (
+                _completion_logps(policy, pair.prompt_ids, completion)
+                - _completion_logps(reference, pair.prompt_ids, completion)
+            )
+            assert row[f"reward_{side}"] == pytest.approx(expected, abs=REWARD_TOLERANCE)
+            bare_base = 0.2 * (
+                _completion_logps(policy, pair.prompt_ids, completion)
+                - _completion_logps(bare, pair.prompt_ids, completion)
+            )
+            assert abs(row[f"reward_{side}"] - bare_base) > 1e-2, "against the bare base the rewards would differ"
+    assert any(abs(row["reward_chosen"]) > 1e-2 for row in rows), "the policy moved away from its reference"
+
+    # merge-adapter folds the policy (the run's adapter) into the base, not the reference.
+    from transformers import AutoModelForCausalLM
+
+    from dpo_cli.model.merge import logits_on
+
+    merged = tmp_path / "merged"
+    args = ("merge-adapter", "--adapter", moved, "--output", merged, "--dtype", "float32")
+    code, _, stderr = run_cli_inprocess(capsys, *args)
+    assert code == 0, stderr
+    ids = torch.tensor([pairs[0].prompt_ids + pairs[0].chosen_ids])
+    plain = logits_on(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids)
+    torch.testing.assert_close(plain, logits_on(policy, ids), atol=1e-4, rtol=0)
