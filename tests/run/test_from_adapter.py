@@ -98,6 +98,28 @@ def test_step_one_is_log_2_since_the_policy_starts_as_the_reference(
         assert not (folder / "reference").exists()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (out / "reference-adapter" / name).read_bytes() == (sft_adapter / name).read_bytes()
+    if reference == "false":
+        _resume_takes_the_same_content_only(stories_model, few_pairs, out, sft_adapter, extra, tmp_path, capsys)
+
+
+def _resume_takes_the_same_content_only(model, data, out, adapter, extra, tmp_path, capsys):
+    """--resume refuses another adapter at the same path, and takes the same adapter at another path."""
+    from shutil import copytree
+
+    from safetensors.torch import load_file, save_file
+
+    changed = copytree(adapter, tmp_path / "changed")
+    tensors = load_file(str(changed / "adapter_model.safetensors"))
+    save_file({key: value * 1.5 for key, value in tensors.items()}, str(changed / "adapter_model.safetensors"))
+    before = (out / "metrics.jsonl").read_text()
+    resume = ("--resume", "--max-steps", 3)
+    code, _, stderr = run_cli_inprocess(capsys, *_args(model, data, out, changed, *extra), *resume)
+    assert code == 2 and "cannot resume with changed settings (model.from_adapter was" in stderr, stderr
+    assert (out / "metrics.jsonl").read_text() == before
+    moved = copytree(adapter, tmp_path / "moved")
+    code, _, stderr = run_cli_inprocess(capsys, *_args(model, data, out, moved, *extra), *resume)
+    assert code == 0, stderr
+    assert [r["step"] for r in _train_records(out)] == [1, 2, 3]
 
 
 def _built_run(model: Path, data: Path, out: Path, adapter: Path, **model_keys):
