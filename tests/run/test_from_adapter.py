@@ -344,7 +344,7 @@ def test_eval_of_a_moved_run_scores_against_its_reference_adapter(
         capsys, "eval", "--adapter", moved, "--data", test, "--per-example", per_pair, "--output", tmp_path / "m.json"
     )
     assert code == 0, stderr
-    assert json.loads((tmp_path / "m.json").read_text())["reference"] == str(moved / "reference-adapter")
+    assert json.loads((tmp_path / "m.json").read_text())["reference"] == f"base + {moved / 'reference-adapter'}"
     rows = [json.loads(line) for line in per_pair.read_text().splitlines()]
 
     tokenizer = load_tokenizer(str(stories_model))
