@@ -382,3 +382,24 @@ def test_eval_of_a_moved_run_scores_against_its_reference_adapter(
     ids = torch.tensor([pairs[0].prompt_ids + pairs[0].chosen_ids])
     plain = logits_on(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids)
     torch.testing.assert_close(plain, logits_on(policy, ids), atol=1e-4, rtol=0)
+
+
+def test_the_output_folder_may_not_be_or_hold_the_adapter(stories_model, few_pairs, sft_adapter, tmp_path, capsys):
+    from shutil import copytree
+
+    adapter = copytree(sft_adapter, tmp_path / "runs" / "sft")
+    for out in (adapter, tmp_path / "runs", adapter / "inside"):
+        code, _, stderr = run_cli_inprocess(capsys, *_args(stories_model, few_pairs, out, adapter))
+        assert code == 2 and "is or holds --from-adapter" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.name for p in adapter.iterdir()) == sorted(p.name for p in sft_adapter.iterdir())
+
+
+def test_eval_of_a_run_without_its_reference_copy_is_one_line(stories_model, few_pairs, sft_adapter, tmp_path, capsys):
+    """Never silently the bare base: a run folder that says it started from an adapter needs its copy."""
+    from shutil import copytree
+
+    run = copytree(sft_adapter, tmp_path / "run")
+    recipe = recipe_from_dict({"model": {"path": str(stories_model), "from_adapter": "/gone/sft"}})
+    recipe.save(run / "recipe.yaml")
+    code, _, stderr = run_cli_inprocess(capsys, "eval", "--adapter", run, "--data", few_pairs)
+    assert code == 2 and "no reference-adapter/ folder" in stderr and len(stderr.strip().splitlines()) == 1, stderr
