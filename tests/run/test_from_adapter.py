@@ -251,8 +251,9 @@ def _poisoned(tensors):
         ({"base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}, None, (), "adapter is for another base (Qwen/Qwen2.5-0.5B)"),
         (None, _poisoned, (), "holds inf or nan"),
         ({"target_modules": ["q_proj"]}, _only_q_proj, (), "lora.target_modules"),
+        (None, None, ("--set", "lora.target_modules=[q_proj]"), "does not fit the recipe's lora section (unexpected"),
     ],
-    ids=["rank", "dora", "modules-to-save", "base-name", "non-finite", "fewer-modules"],
+    ids=["rank", "dora", "modules-to-save", "base-name", "non-finite", "fewer-modules", "more-modules"],
 )
 def test_an_adapter_that_cannot_start_the_run_is_one_line_and_nothing_is_written(
     stories_model, few_pairs, adapter_variant, tmp_path, capsys, config_changes, weights, extra, message
