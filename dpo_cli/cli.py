@@ -127,7 +127,8 @@ def eval_(
     *,
     overrides: dict,
 ):
-    """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base), TRL's metrics.
+    """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base, or base + the
+    reference-adapter/ of a run started --from-adapter), TRL's metrics.
     Settings come from the adapter's recipe.yaml (--model: another base); the flags and --set override them."""
     from dpo_cli.run.distributed import refuse_several_processes
     from dpo_cli.run.eval_adapter import EvalOptions, metrics_table, run_eval
@@ -148,6 +149,7 @@ def eval_(
     report = run_eval(options, console)
     result, metrics = report.result, report.result["metrics"]
     settings = f"loss_type {'+'.join(result['dpo']['loss_type'])}, beta {result['dpo']['beta']}"
+    settings += f", reference {result['reference']}"
     console.print(f"{result['adapter']} on {metrics['num_pairs']} pairs ({settings})", markup=False)
     console.print(metrics_table(metrics))
     for line in report.written:
