@@ -64,7 +64,7 @@ def load_tokenized_split(tokenizer, request: SplitRequest, progress: Progress = 
     written to `request.output_dir/skipped-<name>.jsonl`. `progress` hears what is happening as it happens. The
     rows may be none: the caller shows the report, then `report.require_pairs()`.
     """
-    prepared = prepare_split(tokenizer, request.files, request.data, request.name, progress)
+    prepared = prepare_split(tokenizer, request.files, request.data, request.name, progress, request.kind)
     problem_rows = prepared.problem_rows()
     skipped = prepared.read.invalid + prepared.tokenization_problems(problem_rows)
     refuse_under_error_policy(skipped, request.data.on_invalid)
