@@ -60,9 +60,8 @@ class _FusedTokenLogProbs(torch.autograd.Function):
                     log_sum_sq[start:stop] = shifted_exp.square_().sum(dim=-1).log_() - 2 * log_sum_exp
         ctx.save_for_backward(hidden, weight, bias, targets, log_z)
         ctx.chunk_size, ctx.logit_scale, ctx.softcap = chunk_size, logit_scale, softcap
-        if with_sum_sq:
-            ctx.mark_non_differentiable(log_sum_sq)
-        ctx.mark_non_differentiable(target_is_top)
+        # One call: each call replaces the set of non-differentiable outputs.
+        ctx.mark_non_differentiable(*([log_sum_sq] if with_sum_sq else []), target_is_top)
         return target_logits - log_z, log_sum_sq, target_is_top
 
     @staticmethod
