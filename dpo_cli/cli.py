@@ -50,6 +50,11 @@ def _train_command(objective: str, recipe: Path | None, resume: bool, trust_remo
             f"run it with `dpo-cli {other}`, or set training.objective: {objective}"
         )
     resolved.training.objective = objective
+    if objective == "sft" and resolved.model.from_adapter:
+        raise UserError(
+            "model.from_adapter: sft starts from the base model; --from-adapter is for `dpo-cli train`, which starts "
+            "DPO from an sft adapter"
+        )
     command = shlex.join(["dpo-cli", *sys.argv[1:]])
     result = run_training(
         resolved, resume=resume, console=console, trust_remote_code=trust_remote_code, command=command
@@ -87,8 +92,12 @@ def train(
     _train_command("dpo", recipe, resume, trust_remote_code, overrides)
 
 
+SFT_LEAVES_OUT = ("model.from_adapter",)
+"""Train-only keys sft does not take: an SFT run starts from the base (its adapter is what DPO starts from)."""
+
+
 @app.command()
-@recipe_flags("sft", *every_flagged_key("sft", except_sections=("dpo",)))
+@recipe_flags("sft", *(key for key in every_flagged_key("sft", except_sections=("dpo",)) if key not in SFT_LEAVES_OUT))
 def sft(
     recipe: Path | None = typer.Argument(None, help=RECIPE_HELP),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
@@ -159,7 +168,8 @@ def eval_(
     *,
     overrides: dict,
 ):
-    """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base), TRL's metrics.
+    """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base, or base + the
+    reference-adapter/ of a run started --from-adapter), TRL's metrics.
     Settings come from the adapter's recipe.yaml (--model: another base); the flags and --set override them."""
     from dpo_cli.run.distributed import refuse_several_processes
     from dpo_cli.run.eval_adapter import EvalOptions, metrics_table, run_eval
