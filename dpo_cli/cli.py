@@ -36,22 +36,25 @@ READS_DATA = ("data.max_length", "data.format", "data.columns", "data.chat_templ
 """The recipe keys of reading and tokenizing preference files, which every command that reads data accepts."""
 
 
-@app.command()
-@recipe_flags("train", *every_flagged_key("train"))
-def train(
-    recipe: Path | None = typer.Argument(None, help="YAML recipe; flags below override its values."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output-dir."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
-    *,
-    overrides: dict,
-):
-    """Fine-tune a causal LM with DPO; writes a PEFT adapter folder, the resolved recipe, metrics.jsonl, report.png
-    and a model card (README.md)."""
+def _train_command(objective: str, recipe: Path | None, resume: bool, trust_remote_code: bool, overrides: dict):
+    """What `train` and `sft` share: the recipe, with its objective; the run (run/loop.py); its last line."""
     from dpo_cli.config import load_recipe
     from dpo_cli.run.distributed import is_main_process
     from dpo_cli.run.loop import train as run_training
 
     resolved = load_recipe(recipe, overrides)
+    if recipe is not None and resolved.training.objective != objective:
+        other = "sft" if resolved.training.objective == "sft" else "train"
+        raise UserError(
+            f"{recipe}: is a recipe of `dpo-cli {other}` (training.objective: {resolved.training.objective}); "
+            f"run it with `dpo-cli {other}`, or set training.objective: {objective}"
+        )
+    resolved.training.objective = objective
+    if objective == "sft" and resolved.model.from_adapter:
+        raise UserError(
+            "model.from_adapter: sft starts from the base model; --from-adapter is for `dpo-cli train`, which starts "
+            "DPO from an sft adapter"
+        )
     command = shlex.join(["dpo-cli", *sys.argv[1:]])
     result = run_training(
         resolved, resume=resume, console=console, trust_remote_code=trust_remote_code, command=command
@@ -60,9 +63,54 @@ def train(
         return
     last = result.records[-1] if result.records else {}
     summary = f"done: {result.steps} steps, adapter in {result.output_dir}"
-    if last:
+    if last and objective == "sft":
+        summary += f"; last loss {last['loss']:.4f}, token accuracy {last['mean_token_accuracy']:.2f}"
+    elif last:
         summary += f"; last loss {last['loss']:.4f}, reward accuracy {last['rewards/accuracies']:.2f}"
+    if result.final_eval and objective == "sft":
+        summary += (
+            f"; eval loss {result.final_eval['eval_loss']:.4f}, perplexity {result.final_eval['eval_perplexity']:.2f}"
+        )
     console.print(summary)
+
+
+RECIPE_HELP = "YAML recipe; flags below override its values."
+RESUME_HELP = "Continue from the latest checkpoint in --output-dir."
+
+
+@app.command()
+@recipe_flags("train", *every_flagged_key("train", except_sections=("sft",)))
+def train(
+    recipe: Path | None = typer.Argument(None, help=RECIPE_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    *,
+    overrides: dict,
+):
+    """Fine-tune a causal LM with DPO; writes a PEFT adapter folder, the resolved recipe, metrics.jsonl, report.png
+    and a model card (README.md)."""
+    _train_command("dpo", recipe, resume, trust_remote_code, overrides)
+
+
+SFT_LEAVES_OUT = ("model.from_adapter",)
+"""Train-only keys sft does not take: an SFT run starts from the base (its adapter is what DPO starts from)."""
+
+
+@app.command()
+@recipe_flags("sft", *(key for key in every_flagged_key("sft", except_sections=("dpo",)) if key not in SFT_LEAVES_OUT))
+def sft(
+    recipe: Path | None = typer.Argument(None, help=RECIPE_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    *,
+    overrides: dict,
+):
+    """Supervised fine-tuning (the stage before DPO): the mean negative log-likelihood of the completion tokens, as
+    TRL's SFTTrainer. Reads prompt/completion, messages (the last assistant turn is learnt), text (all of it), or
+    any preference file (its chosen completions: preferred-FT). The same run folder as `train`: a PEFT adapter,
+    checkpoints and --resume, metrics.jsonl (loss, mean_token_accuracy; eval_loss and eval_perplexity with
+    --eval-data or --eval-split), report.png and a model card."""
+    _train_command("sft", recipe, resume, trust_remote_code, overrides)
 
 
 @data_app.command("check")

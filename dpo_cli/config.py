@@ -24,6 +24,7 @@ import yaml
 # Config composes the rules its sections' owners keep beside their code, in leaf modules that import only the
 # standard library (and errors): no torch, and nothing that imports this module back.
 from dpo_cli.data.formats import FORMAT_CHOICES, parse_columns
+from dpo_cli.data.sft_formats import SFT_FORMAT_NAMES
 from dpo_cli.dpo.loss_specs import dpo_settings_problem
 from dpo_cli.errors import UserError, shown
 from dpo_cli.files import read_user_text, write_text_atomic
@@ -33,6 +34,8 @@ REFERENCE_COPY = "reference-adapter"
 """The folder, inside a run started `--from-adapter`, holding a copy of that adapter: the run's reference."""
 PRECOMPUTE_REF_CHOICES = ("auto", "true", "false")
 """dpo.precompute_ref: precompute (and cache) the reference when it pays, always, or never."""
+OBJECTIVES = ("dpo", "sft")
+"""training.objective: what a run trains, set by its command (train: dpo, sft: sft)."""
 ON_INVALID_CHOICES = ("error", "skip")
 """data.on_invalid: stop at the first bad record, or set bad records aside and count them."""
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -94,14 +97,14 @@ class LoraSection:
 @dataclass
 class DataSection:
     train: list[str] = field(default_factory=list, metadata={"flag": "--data"})
-    """Preference files to train on."""
+    """Files to train on: preference data (sft also reads prompt/completion, messages and text)."""
     eval: list[str] = field(default_factory=list, metadata={"flag": "--eval-data", "flag_in": {"eval": "--data"}})
-    """Held-out preference files: evaluated every `training.eval_steps` and at the end of training; what eval scores."""
+    """Held-out files (as --data): evaluated every `training.eval_steps` and at the end of training."""
     max_length: int = field(default=1024, metadata={"flag": "--max-length"})
     """Prompt+completion tokens kept per sequence (the start is kept); a pair whose prompt alone fills it is invalid."""
     format: str = field(default="auto", metadata={"flag": "--format"})
     """auto (detect each file's format from its first record), explicit, hh-rlhf, conversational, openai, sharegpt,
-    oasst or stack-exchange (dpo_cli.data.formats.FORMATS)."""
+    oasst or stack-exchange (dpo_cli.data.formats.FORMATS); for sft also prompt-completion, messages or text."""
     columns: str = field(default="", metadata={"flag": "--columns"})
     """Map the file's names onto the pair's: "prompt=question,chosen=response_j,rejected=response_k"."""
     on_invalid: str = field(default="error", metadata={"flag": "--on-invalid"})
@@ -122,7 +125,7 @@ class DataSection:
     def __post_init__(self):
         _check_finite_floats("data", self)
         _check_positive("data.max_length", self.max_length)
-        _check_choice("data.format", self.format, FORMAT_CHOICES)
+        _check_choice("data.format", self.format, (*FORMAT_CHOICES, *SFT_FORMAT_NAMES))
         _check_choice("data.on_invalid", self.on_invalid, ON_INVALID_CHOICES)
         _check_choice("data.layout", self.layout, ("auto", "padded", "packed", "shared-prompt"))
         parse_columns(self.columns)
@@ -159,6 +162,8 @@ class TrainingSection:
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
     eval_steps: int = 0
     """Evaluate on `data.eval` every N steps (0: only at the end)."""
+    objective: str = "dpo"
+    """What the run trains: dpo (`dpo-cli train`) or sft (`dpo-cli sft`); each command sets it."""
     eval_batch_size: int = field(default=8, metadata={"flag_in": {"eval": "--batch-size"}})
     """Pairs per forward pass when evaluating (memory grows with it)."""
     max_tokens_per_batch: int = field(default=0, metadata={"flag": "--max-tokens-per-batch"})
@@ -187,6 +192,7 @@ class TrainingSection:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"recipe key training.warmup_ratio: {self.warmup_ratio} is outside [0, 1)")
         _check_choice("training.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        _check_choice("training.objective", self.objective, OBJECTIVES)
 
 
 @dataclass
@@ -235,6 +241,15 @@ class DpoSection:
             raise UserError(problem)
 
 
+@dataclass
+class SftSection:
+    """Supervised fine-tuning (`dpo-cli sft`): which tokens the loss is on."""
+
+    loss_on_prompt: bool = field(default=False, metadata={"flag": "--loss-on-prompt"})
+    """sft: train on the prompt's tokens too (text: the whole sequence; messages: the whole conversation); by
+    default the loss is on the completion only (the last assistant turn of a conversation)."""
+
+
 TRACKERS = ("tensorboard", "wandb")
 
 
@@ -265,13 +280,15 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     dpo: DpoSection = field(default_factory=DpoSection)
+    sft: SftSection = field(default_factory=SftSection)
     report: ReportSection = field(default_factory=ReportSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        header = "# The fully resolved recipe of this run: `dpo-cli train THIS_FILE` repeats it.\n"
+        command = "sft" if self.training.objective == "sft" else "train"
+        header = f"# The fully resolved recipe of this run: `dpo-cli {command} THIS_FILE` repeats it.\n"
         if self.model.from_adapter:
             header += (
                 f"# The reference (base + model.from_adapter, frozen) is kept in {REFERENCE_COPY}/ beside this file;\n"
@@ -460,7 +477,8 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be a recipe; fix the YAML") from None
     if not isinstance(values, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of sections (model, lora, data, training, dpo, report)")
+        sections = "model, lora, data, training, dpo, sft, report"
+        raise UserError(f"{path}: a recipe must be a mapping of sections ({sections})")
     for name, section in values.items():
         if section is not None and not isinstance(section, dict):
             raise UserError(

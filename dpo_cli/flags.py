@@ -109,11 +109,13 @@ def flags_for(command: str, keys: typing.Iterable[str]) -> list[RecipeFlag]:
     return found
 
 
-def every_flagged_key(command: str) -> list[str]:
-    """The keys that declare a flag for `command` (train takes them all)."""
+def every_flagged_key(command: str, except_sections: tuple[str, ...] = ()) -> list[str]:
+    """The keys that declare a flag for `command`, but those of `except_sections` (train takes all but sft's, sft all
+    but dpo's)."""
     return [
         f"{name}.{item.name}"
         for name, (_, items) in section_fields().items()
+        if name not in except_sections
         for item in items
         if declared_flag(item, command) is not None
     ]

@@ -17,7 +17,7 @@ from dpo_cli.errors import UserError
 from dpo_cli.flags import declared_flag, field_docs, flags_for, section_fields
 from tests.conftest import run_cli_inprocess
 
-RECIPE_COMMANDS = ("train", "eval", "data check", "merge-adapter")
+RECIPE_COMMANDS = ("train", "sft", "eval", "data check", "merge-adapter")
 """The commands that read a recipe: each takes --set and the flags that apply to it."""
 
 OWN_OPTIONS_NAMED_LIKE_A_FLAG = {
@@ -97,9 +97,16 @@ def test_every_flag_is_declared_once_and_documented():
     assert len(named) == len(set(named)), "two recipe fields declare the same flag"
 
 
-def test_train_takes_every_flagged_field():
-    flagged = {key for key, (_, item) in fields().items() if declared_flag(item, "train")}
-    assert set(recipe_keys_of(commands()["train"]).values()) == flagged
+@pytest.mark.parametrize(("path", "other_objective"), [("train", "sft"), ("sft", "dpo")])
+def test_train_and_sft_take_every_flagged_field_but_the_other_objectives(path, other_objective):
+    from dpo_cli.cli import SFT_LEAVES_OUT
+
+    flagged = {key for key, (_, item) in fields().items() if declared_flag(item, path)}
+    ours = {key for key in flagged if not key.startswith(f"{other_objective}.")}
+    if path == "sft":
+        ours -= set(SFT_LEAVES_OUT)
+    assert ours != flagged, f"the {other_objective} section has flags, which {path} leaves out"
+    assert set(recipe_keys_of(commands()[path]).values()) == ours
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ Text = str | Messages
 
 HH_ASSISTANT = "\n\nAssistant:"
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+COLUMN_TARGETS = (*PAIR_FIELDS, "completion", "messages", "text")
+"""What --columns can map a file's names onto: a pair's fields, and the SFT formats' (data/sft_formats.py)."""
 
 
 @dataclass(frozen=True)
@@ -351,9 +353,9 @@ def parse_columns(spec: str) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         target, _, source = (s.strip() for s in item.partition("="))
-        if not source or target not in PAIR_FIELDS:
+        if not source or target not in COLUMN_TARGETS:
             raise UserError(
-                f"--columns {spec!r}: {item!r} is not FIELD=COLUMN with FIELD one of prompt, chosen, rejected; "
+                f"--columns {spec!r}: {item!r} is not FIELD=COLUMN with FIELD one of {', '.join(COLUMN_TARGETS)}; "
                 "e.g. --columns prompt=question,chosen=response_j,rejected=response_k"
             )
         if target in mapping:

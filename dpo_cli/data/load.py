@@ -46,6 +46,8 @@ class SplitReport:
     from_cache: bool = False
     seconds: float = 0.0
     """Preparing (or opening) the split took this long."""
+    unit: str = "pairs"
+    """What one row is called in the lines about the split: pairs, or examples (sft)."""
     pairs_key: str = ""
     """Names exactly these pairs' token ids: the prepared folder's key and the rows kept from it (what the reference
     log-prob cache is keyed by)."""
@@ -64,7 +66,7 @@ def load_tokenized_split(tokenizer, request: SplitRequest, progress: Progress = 
     written to `request.output_dir/skipped-<name>.jsonl`. `progress` hears what is happening as it happens. The
     rows may be none: the caller shows the report, then `report.require_pairs()`.
     """
-    prepared = prepare_split(tokenizer, request.files, request.data, request.name, progress)
+    prepared = prepare_split(tokenizer, request.files, request.data, request.name, progress, request.kind)
     problem_rows = prepared.problem_rows()
     skipped = prepared.read.invalid + prepared.tokenization_problems(problem_rows)
     refuse_under_error_policy(skipped, request.data.on_invalid)
@@ -103,6 +105,7 @@ def _report(
         from_cache=prepared.from_cache,
         seconds=prepared.seconds,
         pairs_key=pairs_key(prepared.key, keep),
+        unit="examples" if request.kind == "sft" else "pairs",
     )
 
 

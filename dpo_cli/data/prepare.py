@@ -81,19 +81,26 @@ class PreparedSplit:
         return records
 
 
-def read_options(data: DataSection) -> ReadOptions:
+def read_options(data: DataSection, kind: str = "preference") -> ReadOptions:
     return ReadOptions(
         format=data.format,
         columns=parse_columns(data.columns),
         on_invalid=data.on_invalid,
         max_record_bytes=max(MAX_RECORD_BYTES, RECORD_BYTES_PER_TOKEN * data.max_length),
+        kind=kind,
     )
 
 
 def prepare_split(
-    tokenizer, paths: list[str], data: DataSection, name: str, progress: Progress = no_progress
+    tokenizer,
+    paths: list[str],
+    data: DataSection,
+    name: str,
+    progress: Progress = no_progress,
+    kind: str = "preference",
 ) -> PreparedSplit:
-    """Read, check and tokenize the files of one split, or find them already prepared in the cache."""
+    """Read, check and tokenize the files of one split, or find them already prepared in the cache. `kind`:
+    preference pairs, or sft examples (data/sft_formats.py), which the same file gives otherwise."""
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # our own lines say what is happening; datasets' bars would interleave with them
@@ -101,11 +108,13 @@ def prepare_split(
     if not paths:
         flag = "--eval-data" if name == "eval" else "--data"
         raise UserError(f"no {name} data: pass {flag} FILE.jsonl or set data.{name} in the recipe")
-    options = read_options(data)
+    options = read_options(data, kind)
     for path in paths:  # before fingerprinting them: a missing file is the user's one-line error, not a traceback
         check_readable(path)
     template = use_chat_template(tokenizer, data.chat_template)  # its text is part of the tokenizer's fingerprint
     settings = {"format": options.format, "columns": options.columns, "max_length": data.max_length}
+    if kind != "preference":  # named only when not the default, so the preference cache keys stay as they were
+        settings["kind"] = kind
     root = cache_root(data.cache_dir)
     target = root / "prepared" / prepared_key(paths, settings, tokenizer_fingerprint(tokenizer))
 

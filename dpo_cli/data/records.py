@@ -18,6 +18,7 @@ from pathlib import Path
 from dpo_cli.data.decode import MAX_RECORD_BYTES
 from dpo_cli.data.formats import FORMATS, Pair, RecordProblem, detect_format, rename_columns, unknown_format_error
 from dpo_cli.data.readers import open_records
+from dpo_cli.data.sft_formats import SFT_FORMATS, detect_sft_format, unknown_sft_format_error
 from dpo_cli.errors import UserError
 
 
@@ -36,6 +37,8 @@ class ReadOptions:
     on_invalid: str = "error"
     max_record_bytes: int = MAX_RECORD_BYTES
     """A longer record is set aside unread (see `prepare.read_options` for the bound training uses)."""
+    kind: str = "preference"
+    """preference (pairs, `train` and `eval`) or sft (examples as pairs, sft_formats.py; `dpo-cli sft`)."""
 
 
 @dataclass
@@ -69,6 +72,12 @@ class ReadResult:
 def iter_file_pairs(path: Path, options: ReadOptions, result: ReadResult) -> Iterator[PreferencePair]:
     """The pairs of one file, in order; problems raise or are added to `result.invalid`, per `options.on_invalid`."""
     report = FileReport(str(path), format="" if options.format == "auto" else options.format)
+    formats, detect, unknown = _record_shapes(options.kind)
+    if report.format and report.format not in formats:
+        raise UserError(
+            f"--format {report.format}: is an SFT data format (for `dpo-cli sft`); preference data is one of "
+            f"{', '.join(formats)}"
+        )
     result.files.append(report)
     for raw in open_records(Path(path), options.max_record_bytes):
         report.records += 1
@@ -78,10 +87,10 @@ def iter_file_pairs(path: Path, options: ReadOptions, result: ReadResult) -> Ite
             record = _as_object(raw.value)
             record = rename_columns(record, options.columns)
             if not report.format:
-                report.format = detect_format(record) or ""
+                report.format = detect(record) or ""
                 if not report.format:
-                    raise unknown_format_error(raw.where, record)
-            pairs = FORMATS[report.format](record)
+                    raise unknown(raw.where, record)
+            pairs = formats[report.format](record)
         except RecordProblem as problem:
             report.invalid += 1
             invalid = InvalidRecord(str(path), raw.where, problem.reason, problem.line(raw.where), raw.text)
@@ -94,6 +103,13 @@ def iter_file_pairs(path: Path, options: ReadOptions, result: ReadResult) -> Ite
             yield PreferencePair(pair.prompt, pair.chosen, pair.rejected, raw.where)
     if report.records == 0:
         raise UserError(f"{path}: no records; the file is empty")
+
+
+def _record_shapes(kind: str):
+    """(formats by name, detect, unknown-format error) of a kind of data."""
+    if kind == "sft":
+        return SFT_FORMATS, detect_sft_format, unknown_sft_format_error
+    return FORMATS, detect_format, unknown_format_error
 
 
 def _as_object(value: object) -> dict:

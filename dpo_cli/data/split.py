@@ -33,15 +33,19 @@ class SplitRequest:
     """Under `data.eval_split`: "train" (the larger part of the files' pairs) or "eval" (the rest); None: all."""
     with_sources: bool = False
     """Give each pair's `source` (file:line) too, so per-pair results can point back at the record."""
+    kind: str = "preference"
+    """preference pairs, or sft examples (data/sft_formats.py)."""
 
 
-def training_requests(data: DataSection, output_dir: Path | None) -> tuple[SplitRequest, SplitRequest | None]:
+def training_requests(
+    data: DataSection, output_dir: Path | None, kind: str = "preference"
+) -> tuple[SplitRequest, SplitRequest | None]:
     """The train split and the eval split (None without eval files or `eval_split`) of a training run."""
     if data.eval_split and not data.eval:
-        train = SplitRequest(list(data.train), "train", data, output_dir, part="train")
-        return train, SplitRequest(list(data.train), "eval", data, output_dir, part="eval")
-    train = SplitRequest(list(data.train), "train", data, output_dir)
-    return train, SplitRequest(list(data.eval), "eval", data, output_dir) if data.eval else None
+        train = SplitRequest(list(data.train), "train", data, output_dir, part="train", kind=kind)
+        return train, SplitRequest(list(data.train), "eval", data, output_dir, part="eval", kind=kind)
+    train = SplitRequest(list(data.train), "train", data, output_dir, kind=kind)
+    return train, SplitRequest(list(data.eval), "eval", data, output_dir, kind=kind) if data.eval else None
 
 
 def part_rows(rows: np.ndarray, fraction: float, part: str) -> np.ndarray:

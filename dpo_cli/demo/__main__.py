@@ -2,10 +2,13 @@
 
     python -m dpo_cli.demo [FOLDER]     (default: demo-out)
 
-It builds a tiny Llama (briefly pretrained on the task's sentences) and cheerful-vs-gloomy preference pairs
-(dpo_cli/demo/tiny.py), then runs the commands a user would, printing each before it runs: train -> report (the curves,
-FOLDER/report.png) -> eval (with side-by-side samples) -> merge-adapter. The table compares the reference (the base,
-adapters off) with the trained policy on the held-out pairs and on their own samples.
+It builds a tiny Llama (its base weights briefly pretrained on the task's sentences, cheerful and gloomy alike, so
+it speaks the language with no preference) and cheerful-vs-gloomy preference pairs (dpo_cli/demo/tiny.py), then runs
+the commands a user would, printing each before it runs: sft on the pairs' preferred completions (the DPO paper's
+preferred-FT) -> eval of the SFT adapter (against the base) -> train --from-adapter (DPO from the SFT adapter, which
+is its reference) -> report (the curves, FOLDER/report.png) -> eval (against the SFT reference, with side-by-side
+samples) -> merge-adapter. The table compares the base, the SFT model and the DPO policy on the held-out pairs and
+on their own samples.
 """
 
 from __future__ import annotations
@@ -62,17 +65,48 @@ def before_after(per_pair: list[dict], samples: list[dict]) -> list[tuple[str, f
     ]
 
 
+def _eval(console: Console, adapter: Path, test: Path, root: Path, name: str) -> tuple[list[dict], list[dict]]:
+    """`dpo-cli eval` of `adapter` on the held-out pairs, with samples; (its per-pair rows, its samples)."""
+    per_pair, samples = root / f"{name}-pairs.jsonl", root / f"{name}-samples.jsonl"
+    _run(
+        console,
+        "eval",
+        "--adapter", str(adapter),
+        "--data", str(test),
+        "--output", str(root / f"{name}.json"),
+        "--per-example", str(per_pair),
+        "--generate", "24",
+        "--max-new-tokens", "16",
+        "--samples", str(samples),
+    )  # fmt: skip
+    return _read_jsonl(per_pair), _read_jsonl(samples)
+
+
 def main(folder: str = "demo-out") -> None:
     console = Console()
     root = Path(folder)
-    for stale in ("run", "merged"):  # a rerun starts clean: train refuses a folder holding an earlier run
+    for stale in ("sft", "run", "merged"):  # a rerun starts clean: sft and train refuse a folder holding a run
         shutil.rmtree(root / stale, ignore_errors=True)
     console.print(f"building the tiny model and data in {root}/ ...")
     paths = build_demo(root)
-    run, merged = root / "run", root / "merged"
+    sft, run, merged = root / "sft", root / "run", root / "merged"
+    _run(
+        console,
+        "sft",
+        "--model", str(paths["model"]),
+        "--data", str(paths["train"]),
+        "--eval-data", str(paths["test"]),
+        "--output-dir", str(sft),
+        "--max-steps", "30",
+        "--batch-size", "8",
+        "--lr", "5e-4",
+        "--set", "training.save_steps=0",
+    )  # fmt: skip
+    sft_pairs, sft_samples = _eval(console, sft, paths["test"], root, "eval-sft")  # against the base
     _run(
         console,
         "train",
+        "--from-adapter", str(sft),
         "--model", str(paths["model"]),
         "--data", str(paths["train"]),
         "--eval-data", str(paths["test"]),
@@ -85,29 +119,23 @@ def main(folder: str = "demo-out") -> None:
         "--set", "training.eval_steps=10",
     )  # fmt: skip
     _run(console, "report", str(run), "--output", str(root / "report.png"))
-    _run(
-        console,
-        "eval",
-        "--adapter", str(run),
-        "--data", str(paths["test"]),
-        "--output", str(root / "eval.json"),
-        "--per-example", str(root / "eval-pairs.jsonl"),
-        "--generate", "24",
-        "--max-new-tokens", "16",
-        "--samples", str(root / "samples.jsonl"),
-    )  # fmt: skip
+    dpo_pairs, dpo_samples = _eval(console, run, paths["test"], root, "eval")  # against the SFT reference
     _run(console, "merge-adapter", "--adapter", str(run), "--output", str(merged), "--dtype", "float32", "--force")
 
-    rows = before_after(_read_jsonl(root / "eval-pairs.jsonl"), _read_jsonl(root / "samples.jsonl"))
+    base_and_sft = before_after(sft_pairs, sft_samples)  # eval of the SFT adapter: reference = the base
+    sft_and_dpo = before_after(dpo_pairs, dpo_samples)  # eval of the DPO run: reference = base + SFT adapter
     table = Table(title=f"held-out pairs: {root / 'test.jsonl'}")
     table.add_column("")
-    table.add_column("before (base)", justify="right")
-    table.add_column("after DPO", justify="right")
-    for label, before, after in rows:
-        table.add_row(label, f"{before:.3f}", f"{after:.3f}")
+    for name in ("base", "after SFT", "after DPO"):
+        table.add_column(name, justify="right")
+    for (label, base, after_sft), (_, _, after_dpo) in zip(base_and_sft, sft_and_dpo, strict=True):
+        table.add_row(label, f"{base:.3f}", f"{after_sft:.3f}", f"{after_dpo:.3f}")
     console.print()
     console.print(table)
-    console.print(f"adapter: {run}/   merged model: {merged}/   samples side by side: {root / 'samples.jsonl'}")
+    console.print(
+        f"sft adapter: {sft}/   dpo adapter: {run}/   merged model: {merged}/   samples side by side: "
+        f"{root / 'eval-sft-samples.jsonl'} (base, SFT), {root / 'eval-samples.jsonl'} (SFT, DPO)"
+    )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ class PreferenceBatch:
     branch_ids: torch.Tensor | None = None  # (R, T) long, SHARED, CHOSEN_BRANCH or REJECTED_BRANCH
     # Shared-prompt only: tokens of the 2P sequences prompt+chosen, prompt+rejected (each prompt counted twice)
     sequence_tokens: int | None = None
+    # 2 for preference pairs; 1 for SFT examples (`collate_sft`), where `num_pairs` counts the examples
+    completions_per_pair: int = 2
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
         moved = {
@@ -53,10 +55,15 @@ class PreferenceBatch:
         """(R, T) bool: the positions whose next token is a completion token."""
         return self.completion_index >= 0
 
+    @property
+    def num_completions(self) -> int:
+        """2P for pairs (chosen first, then rejected); the number of examples of an SFT batch."""
+        return self.completions_per_pair * self.num_pairs
+
     def completion_lengths(self) -> torch.Tensor:
         """(2P,) number of scored tokens per completion, chosen first."""
         index = self.completion_index[self.scored]
-        return torch.bincount(index, minlength=2 * self.num_pairs)
+        return torch.bincount(index, minlength=self.num_completions)
 
     @property
     def num_tokens(self) -> int:
@@ -97,11 +104,15 @@ class PreferenceBatch:
 
 def collate_padded(pairs: Sequence[Mapping[str, list[int]]], pad_token_id: int) -> PreferenceBatch:
     """TRL's layout: rows [prompt+chosen for each pair] then [prompt+rejected for each pair], right-padded."""
-    num_pairs = len(pairs)
     rows: list[tuple[list[int], int]] = []  # (token ids, prompt length)
     for key in ("chosen_ids", "rejected_ids"):
         for pair in pairs:
             rows.append((list(pair["prompt_ids"]) + list(pair[key]), len(pair["prompt_ids"])))
+    return _padded_rows(rows, len(pairs), pad_token_id)
+
+
+def _padded_rows(rows: list[tuple[list[int], int]], num_pairs: int, pad_token_id: int) -> PreferenceBatch:
+    """One right-padded row per (token ids, prompt length), row i scored as completion i."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -121,6 +132,7 @@ def collate_padded(pairs: Sequence[Mapping[str, list[int]]], pad_token_id: int) 
         target_ids,
         completion_index,
         num_pairs,
+        completions_per_pair=len(rows) // num_pairs,
     )
 
 
@@ -191,7 +203,7 @@ def _pack_units(units: list[list[_Piece]], row_tokens: int) -> list[list[int]]:
 
 
 def _collate_units(
-    units: list[list[_Piece]], pairs: Sequence[Mapping], pad_token_id: int, row_tokens: int
+    units: list[list[_Piece]], pairs: Sequence[Mapping], pad_token_id: int, row_tokens: int, per_pair: int = 2
 ) -> PreferenceBatch:
     rows = _pack_units(units, row_tokens)
     width = max(sum(_unit_length(units[i]) for i in row) for row in rows)
@@ -228,6 +240,7 @@ def _collate_units(
         position_ids=position_ids,
         segment_ids=segment_ids,
         branch_ids=branch_ids,
+        completions_per_pair=per_pair,
     )
 
 
@@ -264,6 +277,33 @@ def collate(layout: str, pairs: Sequence[Mapping[str, list[int]]], pad_token_id:
     if layout == "shared-prompt":
         return collate_shared_prompt(pairs, pad_token_id)
     raise ValueError(f"unknown layout {layout!r}")
+
+
+SFT_LAYOUTS = ("padded", "packed")
+
+
+def sft_sequences(examples: Sequence[Mapping[str, list[int]]], loss_on_prompt: bool) -> list[tuple[list[int], int]]:
+    """(token ids, length of the part not trained on) of each SFT example: prompt+completion, the loss on the
+    completion, or with `loss_on_prompt` on every token but the first (which nothing predicts)."""
+    return [
+        (list(example["prompt_ids"]) + list(example["chosen_ids"]), 0 if loss_on_prompt else len(example["prompt_ids"]))
+        for example in examples
+    ]
+
+
+def collate_sft(
+    layout: str, examples: Sequence[Mapping[str, list[int]]], pad_token_id: int, loss_on_prompt: bool = False
+) -> PreferenceBatch:
+    """An SFT batch: one sequence per example (its `chosen_ids` are the completion), example i scored as
+    completion i. `padded`: one right-padded row each (TRL's SFT without packing); `packed`: laid end to end in
+    rows with no padding between them, each attending only to itself, as `collate_packed` lays pairs."""
+    sequences = sft_sequences(examples, loss_on_prompt)
+    if layout == "padded":
+        return _padded_rows(sequences, len(examples), pad_token_id)
+    if layout == "packed":
+        units = [_sequence_unit(ids[:untrained], ids[untrained:], i) for i, (ids, untrained) in enumerate(sequences)]
+        return _collate_units(units, examples, pad_token_id, 0, per_pair=1)
+    raise ValueError(f"unknown SFT layout {layout!r}")
 
 
 def pair_tokens(prompt_length: int, chosen_length: int, rejected_length: int) -> int:

@@ -41,6 +41,9 @@ class _FusedTokenLogProbs(torch.autograd.Function):
         # `with_sum_sq` also log Σ_v p_v² (N,) float32 (no gradient; WPO's weights read it), else None
         log_z = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         target_logits = torch.empty_like(log_z)
+        # Whether the target is the top-1 token (SFT's token accuracy), from the peak already at hand; a target tied
+        # with the peak counts as top-1 (argmax would pick the lower id).
+        target_is_top = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         log_sum_sq = torch.empty_like(log_z) if with_sum_sq else None
         with torch.no_grad():
             for start in range(0, hidden.shape[0], chunk_size):
@@ -49,6 +52,7 @@ class _FusedTokenLogProbs(torch.autograd.Function):
                 target_logits[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1)
                 # logsumexp by hand, in place in the logits block: one (chunk, vocab) buffer instead of two.
                 peak = logits.amax(dim=-1, keepdim=True)
+                target_is_top[start:stop] = target_logits[start:stop] >= peak.squeeze(1)
                 shifted_exp = logits.sub_(peak).exp_()
                 log_sum_exp = shifted_exp.sum(dim=-1).log_()
                 log_z[start:stop] = log_sum_exp + peak.squeeze(1)
@@ -56,12 +60,12 @@ class _FusedTokenLogProbs(torch.autograd.Function):
                     log_sum_sq[start:stop] = shifted_exp.square_().sum(dim=-1).log_() - 2 * log_sum_exp
         ctx.save_for_backward(hidden, weight, bias, targets, log_z)
         ctx.chunk_size, ctx.logit_scale, ctx.softcap = chunk_size, logit_scale, softcap
-        if with_sum_sq:
-            ctx.mark_non_differentiable(log_sum_sq)
-        return target_logits - log_z, log_sum_sq
+        # One call: each call replaces the set of non-differentiable outputs.
+        ctx.mark_non_differentiable(*([log_sum_sq] if with_sum_sq else []), target_is_top)
+        return target_logits - log_z, log_sum_sq, target_is_top
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_log_sum_sq):
+    def backward(ctx, grad_logps, _grad_log_sum_sq, _grad_is_top):
         hidden, weight, bias, targets, log_z = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -118,10 +122,11 @@ def token_logps_and_sum_sq(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logps`, and log Σ_v p_v² per row (N,) from the same pass over the vocabulary, without gradient."""
-    return _fused(hidden, weight, targets, bias, logit_scale, softcap, chunk_elements, with_sum_sq=True)
+    return _fused(hidden, weight, targets, bias, logit_scale, softcap, chunk_elements, with_sum_sq=True)[:2]
 
 
 def _fused(hidden, weight, targets, bias, logit_scale, softcap, chunk_elements, with_sum_sq):
+    """(log p(target) (N,), log Σ p² (N,) or None, target is the top-1 token (N,) bool)."""
     chunk_size = max(1, chunk_elements // weight.shape[0])  # tokens per (chunk, vocab) block
     scale = float(logit_scale)
     return _FusedTokenLogProbs.apply(hidden, weight, bias, targets, chunk_size, scale, softcap, with_sum_sq)
@@ -134,6 +139,7 @@ class CompletionLogps:
     sums: torch.Tensor  # (2P,) float32, summed log-probs per completion, chosen first
     lengths: torch.Tensor  # (2P,) long, scored tokens per completion
     log_sum_sq_probs: torch.Tensor | None = None  # (N,) float32 log Σ_v p_v² per scored token, no grad, when asked
+    token_is_top: torch.Tensor | None = None  # (N,) bool, the scored token is the model's top-1 (SFT's accuracy)
 
     def chosen_rejected(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sums.chunk(2)
@@ -168,15 +174,15 @@ def completion_logps(
     hidden = hidden_states[scored]  # (N, H), row-major: each completion's tokens contiguous
     targets = batch.target_ids[scored]
     token_completion = batch.completion_index[scored]
-    if with_sum_sq:
-        logps, log_sum_sq = token_logps_and_sum_sq(hidden, lm_head.weight, targets, lm_head.bias, logit_scale, softcap)
-    else:
-        logps, log_sum_sq = token_logps(hidden, lm_head.weight, targets, lm_head.bias, logit_scale, softcap), None
-    num_completions = 2 * batch.num_pairs
+    logps, log_sum_sq, is_top = _fused(
+        hidden, lm_head.weight, targets, lm_head.bias, logit_scale, softcap, DEFAULT_CHUNK_ELEMENTS, with_sum_sq
+    )
+    num_completions = batch.num_completions
     return CompletionLogps(
         token_logps=logps,
         token_completion=token_completion,
         sums=sum_per_completion(logps, token_completion, num_completions),
         lengths=torch.bincount(token_completion, minlength=num_completions),
         log_sum_sq_probs=log_sum_sq,
+        token_is_top=is_top,
     )

@@ -181,8 +181,10 @@ def scored_batches(
     batch_size: int,
     device: torch.device | str,
     score: Callable[[PreferenceBatch], Scored],
+    collate: Callable[[str, Sequence[Mapping], int], PreferenceBatch] = collate,
 ) -> Iterator[tuple[int, int, Scored]]:
-    """(start, stop, score(batch)) for consecutive batches of `pairs[start:stop]`, each scored without gradients.
+    """(start, stop, score(batch)) for consecutive batches of `pairs[start:stop]`, each scored without gradients;
+    `collate` lays them out (SFT examples have their own, dpo/layouts.py `collate_sft`).
 
     Grad mode is switched off around `score` only, never across a `yield`, so the caller's code between batches
     runs as it would anyway."""

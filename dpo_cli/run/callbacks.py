@@ -23,7 +23,6 @@ from dpo_cli.output_folder import honour_umask
 from dpo_cli.run import distributed
 from dpo_cli.run.checkpoint import save_checkpoint
 from dpo_cli.run.distributed import is_main_process
-from dpo_cli.run.evaluate import evaluate_pairs
 from dpo_cli.run.model_card import write_model_card
 from dpo_cli.run.report import write_run_report
 from dpo_cli.run.setup import RESUME_HINT, Run
@@ -71,16 +70,15 @@ class Callback:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """The DPO metrics of the current adapter on the run's eval pairs, named `eval_*` (under torchrun each process
-    scores its share, and the metrics are of all of them)."""
-    metrics = evaluate_pairs(
+    """The objective's metrics of the current adapter on the run's eval pairs, named `eval_*` (under torchrun each
+    process scores its share, and the metrics are of all of them)."""
+    metrics = run.objective.evaluate(
         run.model,
         distributed.my_share(run.eval_pairs),
         run.tokenizer.pad_token_id,
-        run.recipe.dpo,
         run.recipe.training.eval_batch_size,
-        layout=run.layout,
-        ref_logps=None if run.eval_ref_logps is None else distributed.my_share(run.eval_ref_logps),
+        run.layout,
+        None if run.eval_ref_logps is None else distributed.my_share(run.eval_ref_logps),
     )
     return {f"eval_{key}": value for key, value in metrics.items()}
 
@@ -143,7 +141,7 @@ class ProgressBar(Callback):
             self.task,
             completed=run.state.step,
             loss=f"{record['loss']:.4f}",
-            acc=f"{record['rewards/accuracies']:.2f}",
+            acc=f"{record[run.objective.accuracy_key]:.2f}",
             tps=f"{record['tokens_per_second']:.0f}",
         )
 

@@ -31,7 +31,8 @@ def load_split(tokenizer, request: SplitRequest, console: Console):
 def print_split_report(report: SplitReport, console: Console) -> None:
     """'train data: 168 pairs (openai; prepared in 0.9 s), ...', then what was skipped and repeated, in yellow."""
     how = "from cache" if report.from_cache else "prepared"
-    line = f"{report.name} data: {report.kept:,} pairs ({', '.join(report.formats)}; {how} in {report.seconds:.1f} s)"
+    formats = ", ".join(report.formats)
+    line = f"{report.name} data: {report.kept:,} {report.unit} ({formats}; {how} in {report.seconds:.1f} s)"
     if report.truncated:
         line += f", {report.truncated:,} with a completion cut at max_length={report.max_length}"
     console.print(line, markup=False)

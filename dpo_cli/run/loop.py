@@ -16,8 +16,6 @@ import torch
 from rich.console import Console
 
 from dpo_cli.config import RECIPE_FILENAME, Recipe
-from dpo_cli.dpo.layouts import collate
-from dpo_cli.dpo.scoring import score_batch
 from dpo_cli.errors import UserError
 from dpo_cli.files import disk_full_as_user_error
 from dpo_cli.model.load import trainable_parameters
@@ -25,7 +23,7 @@ from dpo_cli.model.reference_adapter import REFERENCE_COPY, save_reference_copy
 from dpo_cli.output_folder import claimed_folder
 from dpo_cli.run import distributed, interrupts
 from dpo_cli.run.callbacks import Callback, TrainResult, default_callbacks
-from dpo_cli.run.metrics import PairMetrics, is_finite
+from dpo_cli.run.metrics import is_finite
 from dpo_cli.run.setup import Run, build_run, check_output_dir, run_device
 
 
@@ -38,9 +36,10 @@ class TrainingInterrupted(UserError):
 
 
 def _divergence_hint(recipe: Recipe) -> str:
+    beta = "" if recipe.training.objective == "sft" else f" or --beta (now {recipe.dpo.beta:g})"
     return (
-        f"training stopped, the last good checkpoint is kept. Lower --lr (now {recipe.training.lr:g}) or --beta "
-        f"(now {recipe.dpo.beta:g}), or check the data"
+        f"training stopped, the last good checkpoint is kept. Lower --lr (now {recipe.training.lr:g}){beta}, "
+        "or check the data"
     )
 
 
@@ -50,12 +49,15 @@ def step_batches(run: Run) -> list[list[int]]:
     return [run.stream.indices(m) for m in positions]
 
 
-def _pairs_in_step(run: Run, batches: list[list[int]]) -> int:
-    """The pairs of the whole step, every process's: each pair weighs the same in the averaged gradient."""
-    if not distributed.is_distributed():
+def _weight_of_step(run: Run, batches: list[list[int]]) -> int:
+    """What the whole step weighs, every process's examples: its pairs (DPO), or its trained tokens (SFT,
+    `run.example_weights`). Each unit weighs the same in the averaged gradient."""
+    if distributed.is_distributed():
+        first, step_size = run.state.micro_batches_done, run.recipe.training.grad_accum * distributed.world_size()
+        batches = [run.stream.indices(m) for m in range(first, first + step_size)]
+    if run.example_weights is None:
         return sum(len(b) for b in batches)
-    first, step_size = run.state.micro_batches_done, run.recipe.training.grad_accum * distributed.world_size()
-    return sum(len(run.stream.indices(m)) for m in range(first, first + step_size))
+    return sum(run.example_weights[i] for b in batches for i in b)
 
 
 def _ref_logps(run: Run, indices: list[int]) -> torch.Tensor | None:
@@ -70,28 +72,28 @@ def _gradient_sync(run: Run, last: bool):
     return run.data_parallel.no_sync()
 
 
-def _backward_micro_batches(run: Run, batches: list[list[int]]) -> tuple[PairMetrics, int]:
-    """Accumulates the gradient of the step's mean loss over its pairs; (their metrics, their real tokens)."""
-    pairs_in_step = _pairs_in_step(run, batches)
+def _backward_micro_batches(run: Run, batches: list[list[int]]):
+    """Accumulates the gradient of the step's mean loss over its pairs (or trained tokens); (the objective's
+    metrics, the real tokens)."""
+    objective = run.objective
+    weight_of_step = max(_weight_of_step(run, batches), 1)  # a step of nothing to train on has a zero gradient
     processes = distributed.world_size()
-    metrics, tokens = PairMetrics(), 0
+    metrics, tokens = objective.metrics(), 0
     for number, indices in enumerate(batches, start=1):
-        pairs = [run.train_pairs[i] for i in indices]
-        batch = collate(run.layout, pairs, run.tokenizer.pad_token_id).to(run.device)
+        examples = [run.train_pairs[i] for i in indices]
+        batch = objective.collate(run.layout, examples, run.tokenizer.pad_token_id).to(run.device)
         with _gradient_sync(run, last=number == len(batches)):
-            scores = score_batch(run.scoring, batch, run.recipe.dpo, _ref_logps(run, indices))
+            scores = objective.score(run.scoring, batch, _ref_logps(run, indices))
             # Summed over processes, so a NaN on one of them stops them all at this micro-batch.
-            (loss_sum,) = distributed.sum_over_ranks([float(scores.losses.detach().sum())])
+            (loss_sum,) = distributed.sum_over_ranks([float(scores.loss_sum.detach())])
             if not is_finite(loss_sum):
                 raise TrainingDiverged(
                     f"step {run.state.step + 1}: the loss is {loss_sum}; {_divergence_hint(run.recipe)}"
                 )
-            # Each pair weighs the same in the step's gradient, however the pairs are split into micro-batches and
-            # processes; DDP averages over the processes, hence the factor.
-            (scores.losses.sum() * processes / pairs_in_step).backward()
-        metrics.add(
-            scores.losses, scores.chosen_rewards, scores.rejected_rewards, scores.logps.chosen, scores.logps.rejected
-        )
+            # Each pair (token) weighs the same in the step's gradient, however they are split into micro-batches
+            # and processes; DDP averages over the processes, hence the factor.
+            (scores.loss_sum * processes / weight_of_step).backward()
+        metrics.add(scores)
         tokens += batch.num_tokens
     return metrics, tokens
 

@@ -29,6 +29,7 @@ CARD_METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
+SFT_CARD_METRICS = ("loss", "mean_token_accuracy", "perplexity")
 KEY_SETTINGS = (
     ("model", "quantize"),
     ("lora", "r"),
@@ -37,6 +38,7 @@ KEY_SETTINGS = (
     ("lora", "target_modules"),
     ("dpo", "loss_type"),
     ("dpo", "beta"),
+    ("sft", "loss_on_prompt"),
     ("training", "max_steps"),
     ("training", "epochs"),
     ("training", "batch_size"),
@@ -55,7 +57,7 @@ def front_matter(recipe: dict) -> dict:
     return {
         "base_model": str(model.get("path", "")),
         "library_name": "peft",
-        "tags": ["dpo", "qlora" if model.get("quantize", True) else "lora", "dpo-cli"],
+        "tags": [_objective(recipe), "qlora" if model.get("quantize", True) else "lora", "dpo-cli"],
         "datasets": list(dict.fromkeys(Path(f).name for f in files)),
         "pipeline_tag": "text-generation",
     }
@@ -79,7 +81,10 @@ def _fingerprint(path: str) -> str:
 
 def _settings_table(recipe: dict) -> list[str]:
     lines = ["| setting | value |", "| --- | --- |"]
+    other_objective = "dpo" if _objective(recipe) == "sft" else "sft"  # its settings did not apply
     for section, key in KEY_SETTINGS:
+        if section == other_objective:
+            continue
         value = (recipe.get(section) or {}).get(key)
         if value is not None:
             shown = (
@@ -111,12 +116,28 @@ def _data_table(recipe: dict, counts: dict[str, str], eval_pairs: float | None) 
     return lines
 
 
-def _metrics_table(records: list[dict]) -> list[str]:
+def _objective(recipe: dict) -> str:
+    """dpo or sft: what the run trained (recipes from before `training.objective` are DPO's)."""
+    return (recipe.get("training") or {}).get("objective", "dpo")
+
+
+def _sft_text(recipe: dict, base_model: str, steps: int) -> tuple[str, str]:
+    """(what the adapter is, how to read its metrics) for an SFT run."""
+    trained = "every token" if (recipe.get("sft") or {}).get("loss_on_prompt") else "the completion tokens"
+    return (
+        f"A LoRA adapter for `{base_model}`, supervised fine-tuned (SFT) on {trained} for {steps} steps by dpo-cli. "
+        "`dpo-cli train --from-adapter THIS_FOLDER` starts DPO from it, with it as the reference.",
+        "Loss is the mean negative log-likelihood per trained token; accuracy the share of trained tokens that are "
+        "the model's top-1 prediction; perplexity exp(eval loss).",
+    )
+
+
+def _metrics_table(records: list[dict], names: tuple[str, ...] = CARD_METRICS) -> list[str]:
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     last_train, last_eval = (train[-1] if train else {}), (evals[-1] if evals else {})
     lines = ["| metric | train (last step) | eval (final) |", "| --- | ---: | ---: |"]
-    for name in CARD_METRICS:
+    for name in names:
         cells = [
             f"{row[key]:.4f}" if isinstance(row.get(key), int | float) else "-"  # null: not a finite number
             for row, key in ((last_train, name), (last_eval, f"eval_{name}"))
@@ -144,7 +165,18 @@ def model_card(folder: Path, command: str | None = None) -> str:
     header = front_matter(recipe)
     dpo = recipe.get("dpo") or {}
     steps = max((r["step"] for r in records if "loss" in r), default=0)
-    evals = [r for r in records if "eval_num_pairs" in r]
+    evals = [r for r in records if "eval_num_pairs" in r or "eval_num_examples" in r]
+    eval_count = (evals[-1].get("eval_num_pairs") or evals[-1].get("eval_num_examples")) if evals else None
+    sft = _objective(recipe) == "sft"
+    command_name = "sft" if sft else "train"
+    intro = (
+        f"A LoRA adapter for `{header['base_model']}`, aligned to preference data with DPO "
+        f"(loss {' + '.join(dpo.get('loss_type') or ['sigmoid'])}, β {dpo.get('beta', 0.1)}) for {steps} steps by "
+        f"dpo-cli. {_reference_sentence(recipe)}"
+    )
+    reading = "Rewards are β·log(πθ/πref) per completion; accuracy is the share of pairs whose chosen reward is higher."
+    if sft:
+        intro, reading = _sft_text(recipe, header["base_model"], steps)
     lines = [
         "---",
         yaml.safe_dump(header, sort_keys=False).rstrip(),
@@ -152,31 +184,28 @@ def model_card(folder: Path, command: str | None = None) -> str:
         "",
         f"# {folder.resolve().name}",
         "",
-        f"A LoRA adapter for `{header['base_model']}`, aligned to preference data with DPO "
-        f"(loss {' + '.join(dpo.get('loss_type') or ['sigmoid'])}, β {dpo.get('beta', 0.1)}) for {steps} steps by "
-        f"dpo-cli. {_reference_sentence(recipe)}",
+        intro,
         "",
         "## How it was made",
         "",
         "```bash",
-        command or f"dpo-cli train {RECIPE_FILENAME}",
+        command or f"dpo-cli {command_name} {RECIPE_FILENAME}",
         "```",
         "",
-        f"`{RECIPE_FILENAME}` beside this file is the fully resolved recipe: `dpo-cli train {RECIPE_FILENAME}` repeats "
-        "the run. Its key settings:",
+        f"`{RECIPE_FILENAME}` beside this file is the fully resolved recipe: "
+        f"`dpo-cli {command_name} {RECIPE_FILENAME}` repeats the run. Its key settings:",
         "",
         *_settings_table(recipe),
         "",
         "## Data",
         "",
-        *_data_table(recipe, _summary_counts(folder), evals[-1]["eval_num_pairs"] if evals else None),
+        *_data_table(recipe, _summary_counts(folder), eval_count),
         "",
         "## Results",
         "",
-        *_metrics_table(records),
+        *_metrics_table(records, SFT_CARD_METRICS if sft else CARD_METRICS),
         "",
-        "Rewards are β·log(πθ/πref) per completion; accuracy is the share of pairs whose chosen reward is higher. "
-        f"Every step's metrics are in `{METRICS_FILE}` (TRL's names).",
+        f"{reading} Every step's metrics are in `{METRICS_FILE}` (TRL's names).",
         "",
         f"![training curves]({REPORT_FILE})",
         "",

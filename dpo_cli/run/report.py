@@ -1,4 +1,4 @@
-"""The run report: a DPO run's curves in one figure, and a short summary of how it went.
+"""The run report: a DPO (or SFT) run's curves in one figure, and a short summary of how it went.
 
 `dpo-cli train` draws `report.png` into its output folder at every checkpoint and at the end; `dpo-cli report`
 draws the same figure for any run folder, finished or still running, or overlays several runs (one colour each,
@@ -59,11 +59,18 @@ PANELS = (
     Panel("grad norm", "grad_norm (before clipping)", (Series("grad_norm", "grad norm"),), has_eval=False),
     Panel("throughput", "tokens/s", (Series("tokens_per_second", "tokens/s"),), has_eval=False),
 )
+SFT_PANELS = (
+    Panel("loss", "loss (mean NLL per trained token)", (Series("loss", "loss"),)),
+    Panel("token accuracy", "mean_token_accuracy", (Series("mean_token_accuracy", "accuracy"),)),
+    Panel("eval perplexity", "exp(eval loss)", (Series("perplexity", "perplexity"),)),
+    *PANELS[-3:],  # learning rate, grad norm, throughput: the same in every run
+)
+"""The panels of an SFT run (`dpo-cli sft`): it has no rewards, no reference and so no drift."""
 SUMMARY_COLUMNS = ("num_tokens", "time")
 COLUMNS = tuple(
     dict.fromkeys(
-        [s.metric for panel in PANELS for s in panel.series]
-        + [f"eval_{s.metric}" for panel in PANELS if panel.has_eval for s in panel.series]
+        [s.metric for panel in (*PANELS, *SFT_PANELS) for s in panel.series]
+        + [f"eval_{s.metric}" for panel in (*PANELS, *SFT_PANELS) if panel.has_eval for s in panel.series]
         + list(SUMMARY_COLUMNS)
     )
 )
@@ -193,16 +200,28 @@ def _draw_panel(ax, panel: Panel, runs: list[RunFolder]) -> dict:
     return {"title": panel.title, "metrics": metrics, "per_beta": panel.series[0].per_beta}
 
 
+def is_sft(run: RunFolder) -> bool:
+    return (run.recipe.get("training") or {}).get("objective") == "sft"
+
+
+def panels_for(runs: list[RunFolder]) -> tuple[Panel, ...]:
+    """SFT's panels when every run is an SFT run, else DPO's (an overlay of both draws what DPO runs have)."""
+    return SFT_PANELS if all(is_sft(run) for run in runs) else PANELS
+
+
 def _title(runs: list[RunFolder]) -> str:
     if len(runs) > 1:
         return " vs ".join(run.name for run in runs)
     run = runs[0]
     model_path = (run.recipe.get("model") or {}).get("path")
     model = Path(model_path).name if isinstance(model_path, str) and model_path else "?"
+    steps = max(run.steps[row] for row in run.rows(TRAIN))
+    if is_sft(run):
+        trained = "every token" if (run.recipe.get("sft") or {}).get("loss_on_prompt") is True else "the completions"
+        return f"{run.name}: {model[:80]}, SFT on {trained}, {steps} steps"
     loss_types = (run.recipe.get("dpo") or {}).get("loss_type") or ["sigmoid"]
     loss_types = [loss_types] if isinstance(loss_types, str) else loss_types
     loss = "+".join(name for name in loss_types if isinstance(name, str)) if isinstance(loss_types, list) else "?"
-    steps = max(run.steps[row] for row in run.rows(TRAIN))
     beta = "none" if run.beta is None else f"{run.beta:g}"
     return f"{run.name}: {model[:80]}, {loss[:80] or '?'} loss, β {beta}, {steps} steps"
 
@@ -221,8 +240,9 @@ def draw_report(runs: list[RunFolder], path: Path) -> ReportFigure:
 
     file_format = output_format(path)
     figure = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
-    axes = figure.subplots(2, 4).ravel()
-    panels = [_draw_panel(ax, panel, runs) for ax, panel in zip(axes, PANELS, strict=True)]
+    chosen = panels_for(runs)
+    axes = figure.subplots(2, math.ceil(len(chosen) / 2)).ravel()
+    panels = [_draw_panel(ax, panel, runs) for ax, panel in zip(axes, chosen, strict=True)]
     figure.suptitle(_title(runs), fontsize=13)
     if len(runs) > 1:
         handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2, label=run.name) for i, run in enumerate(runs)]
@@ -281,6 +301,8 @@ class RunSummary:
     """Tokens over the time spent in training steps (evaluation and checkpoints left out)."""
     wall_seconds: float
     """From the start of the first step to the last record, when records carry `time`; else the steps' time."""
+    accuracy_key: str = "rewards/accuracies"
+    """The accuracy `final` holds: rewards/accuracies (DPO) or mean_token_accuracy (SFT)."""
 
 
 def _step_seconds(run: RunFolder, train_rows: list[int]) -> list[float]:
@@ -306,6 +328,11 @@ def _best(run: RunFolder, metric: str, lowest: bool) -> tuple[float, int] | None
     return min(pairs) if lowest else max(pairs, key=lambda pair: (pair[0], -pair[1]))
 
 
+def _accuracy_key(run: RunFolder) -> str:
+    """The accuracy a run reports: the share of pairs ranked right (DPO), or of tokens predicted right (SFT)."""
+    return "mean_token_accuracy" if is_sft(run) else "rewards/accuracies"
+
+
 def summarize(run: RunFolder) -> RunSummary:
     train_rows, eval_rows = run.rows(TRAIN), run.rows(EVAL)
     last = train_rows[-1]
@@ -322,12 +349,13 @@ def summarize(run: RunFolder) -> RunSummary:
     return RunSummary(
         name=run.name,
         steps=run.steps[last],
-        final={"loss": run.value("loss", last), "rewards/accuracies": run.value("rewards/accuracies", last)},
+        final={"loss": run.value("loss", last), _accuracy_key(run): run.value(_accuracy_key(run), last)},
         final_eval=final_eval,
         best_eval_loss=_best(run, "eval_loss", lowest=True),
-        best_eval_accuracy=_best(run, "eval_rewards/accuracies", lowest=False),
+        best_eval_accuracy=_best(run, f"eval_{_accuracy_key(run)}", lowest=False),
         tokens_per_second=total_tokens / sum(seconds) if sum(seconds) > 0 else math.nan,
         wall_seconds=wall,
+        accuracy_key=_accuracy_key(run),
     )
 
 
@@ -359,12 +387,13 @@ def summary_rows(summaries: list[RunSummary]) -> list[tuple[str, list[str]]]:
     return [
         ("steps", [str(s.steps) for s in summaries]),
         ("loss (last step)", [_number(s.final["loss"], 4) for s in summaries]),
-        ("reward accuracy (last step)", [_number(s.final["rewards/accuracies"], 3) for s in summaries]),
+        ("accuracy (last step)", [_number(s.final[s.accuracy_key], 3) for s in summaries]),
         ("eval loss (final)", [final_eval(s, "loss", 4) for s in summaries]),
-        ("eval reward accuracy (final)", [final_eval(s, "rewards/accuracies", 3) for s in summaries]),
+        ("eval accuracy (final)", [final_eval(s, s.accuracy_key, 3) for s in summaries]),
         ("eval reward margin (final)", [final_eval(s, "rewards/margins", 4) for s in summaries]),
+        ("eval perplexity (final)", [final_eval(s, "perplexity", 3) for s in summaries]),
         ("best eval loss", [_at(s.best_eval_loss, 4) for s in summaries]),
-        ("best eval reward accuracy", [_at(s.best_eval_accuracy, 3) for s in summaries]),
+        ("best eval accuracy", [_at(s.best_eval_accuracy, 3) for s in summaries]),
         ("tokens/s", [f"{s.tokens_per_second:,.0f}" if math.isfinite(s.tokens_per_second) else "-" for s in summaries]),
         ("wall time", [_duration(s.wall_seconds) for s in summaries]),
     ]

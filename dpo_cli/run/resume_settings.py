@@ -22,8 +22,9 @@ FIXED = {
     "model": ("path", "quantize", "compute_dtype", "from_adapter"),
     "lora": ("r", "alpha", "dropout", "target_modules"),
     "data": ("train", "max_length", "format", "columns", "chat_template", "eval_split"),
-    "training": ("batch_size", "grad_accum", "seed", "max_tokens_per_batch"),
+    "training": ("batch_size", "grad_accum", "seed", "max_tokens_per_batch", "objective"),
     "dpo": tuple(f.name for f in dataclasses.fields(Recipe().dpo) if f.name != "precompute_ref"),
+    "sft": ("loss_on_prompt",),
 }
 """Settings the saved optimizer state and data position only fit unchanged (precompute_ref only changes when the
 reference log-probs are computed, not their values)."""

@@ -24,7 +24,7 @@ from rich.console import Console
 from dpo_cli.config import Recipe
 from dpo_cli.data.split import training_requests
 from dpo_cli.data.templates import template_file
-from dpo_cli.dpo.layouts import pair_tokens, token_budget_batches
+from dpo_cli.dpo.layouts import SFT_LAYOUTS, token_budget_batches
 from dpo_cli.dpo.scoring import ScoringModel, direct_logps
 from dpo_cli.errors import UserError
 from dpo_cli.files import disk_full_as_user_error, remove_stale_temporaries
@@ -53,7 +53,8 @@ from dpo_cli.run.checkpoint import (
 from dpo_cli.run.data_report import load_split
 from dpo_cli.run.distributed import is_main_process
 from dpo_cli.run.metrics import MetricsLog
-from dpo_cli.run.reference import PAIR_KEYS, training_reference_logps
+from dpo_cli.run.objective import Objective, objective_for
+from dpo_cli.run.reference import training_reference_logps
 from dpo_cli.run.resume_settings import (
     TRAIN_PAIRS,
     WORLD_SIZE,
@@ -136,17 +137,12 @@ class Run:
     resumed_from: Path | None = None
     eval_ref_logps: torch.Tensor | None = None  # (num_eval_pairs, 2), as train_ref_logps, for the eval steps
     data_parallel: Any | None = None  # under torchrun: the DDP module `scoring.policy` runs (for its no_sync)
+    objective: Objective | None = None  # what the steps train (run/objective.py); None: DPO
+    example_weights: list[int] | None = None  # each train example's weight in a step's mean loss; None: one each
 
-
-def tokens_per_pair(pairs) -> list[int]:
-    """`pair_tokens` of each pair of a tokenized split, from Arrow list lengths: no token id becomes a Python int."""
-    import pyarrow.compute as pc
-
-    counts: list[int] = []
-    for table in pairs.with_format("arrow").iter(batch_size=8192):
-        lengths = [pc.list_value_length(table.column(key)).to_numpy() for key in PAIR_KEYS]
-        counts.extend(int(n) for n in pair_tokens(*lengths))
-    return counts
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = objective_for(self.recipe)
 
 
 def total_steps(recipe: Recipe, stream: DataStream, resumed: TrainerState | None = None) -> int:
@@ -219,9 +215,9 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
         remove_stale_temporaries(output_dir, OUR_TEMPORARIES)
 
 
-def _load_data(recipe: Recipe, tokenizer, output_dir: Path, console: Console):
+def _load_data(recipe: Recipe, tokenizer, output_dir: Path, console: Console, kind: str):
     """(train pairs, what tokenizing kept and dropped, eval pairs or None, their report or None)."""
-    train_request, eval_request = training_requests(recipe.data, output_dir)
+    train_request, eval_request = training_requests(recipe.data, output_dir, kind)
     train_pairs, summary = load_split(tokenizer, train_request, console)
     eval_pairs = eval_summary = None
     if eval_request is not None:
@@ -272,7 +268,7 @@ def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console)
     return checkpoint, saved, settings, trackers
 
 
-def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: Console):
+def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: Console, asked_layout: str):
     model = add_lora(
         load_base_model(recipe.model, device, trust_remote_code), recipe.lora, recipe.model.gradient_checkpointing
     )
@@ -281,10 +277,23 @@ def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: 
     model.train()
     if recipe.model.compile:
         console.print(f"compiling {compile_decoder_layers(model)} decoder layers (torch.compile, on the first steps)")
-    layout, fallback_note = resolve_layout(recipe.data.layout, model, recipe.data.max_length)
+    layout, fallback_note = resolve_layout(asked_layout, model, recipe.data.max_length)
     if fallback_note:
         console.print(fallback_note)
     return model, layout
+
+
+def _layout_asked(recipe: Recipe, objective: Objective) -> str:
+    """The layout to resolve: SFT has no shared prompt to lay once, so its `auto` is `packed` (padded where the
+    model cannot take the packed mask, as resolve_layout decides)."""
+    layout = recipe.data.layout
+    if objective.name != "sft":
+        return layout
+    if layout == "auto":
+        return "packed"
+    if layout not in SFT_LAYOUTS:
+        raise UserError(f"--layout {layout}: sft lays out one sequence per example; use {', '.join(SFT_LAYOUTS)}")
+    return layout
 
 
 def run_device(recipe: Recipe) -> torch.device:
@@ -310,34 +319,39 @@ def build_run(
     if recipe.model.from_adapter:  # before the resume check hashes it, and before any model loads
         check_start_adapter(Path(recipe.model.from_adapter), recipe.lora, recipe.model.path)
     checkpoint, saved, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
+    objective = objective_for(recipe)
+    asked_layout = _layout_asked(recipe, objective)
     _set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model.path, trust_remote_code)
     with distributed.main_process_first():  # rank 0 prepares the data cache, the others then read it
-        train_pairs, summary, eval_pairs, eval_summary = _load_data(recipe, tokenizer, output_dir, console)
+        loaded = _load_data(recipe, tokenizer, output_dir, console, objective.data_kind)
+        train_pairs, summary, eval_pairs, eval_summary = loaded
     settings[TRAIN_PAIRS] = len(train_pairs)
     if saved is not None:  # the same files can still give other pairs (a changed tokenizer)
         refuse_changed_fixed_settings(checkpoint, saved.fixed_settings, {TRAIN_PAIRS: settings[TRAIN_PAIRS]})
-    model, layout = _model_and_layout(recipe, device, trust_remote_code, console)
+    model, layout = _model_and_layout(recipe, device, trust_remote_code, console, asked_layout)
     training = recipe.training
     budget = training.max_tokens_per_batch
-    budget_batches = token_budget_batches(tokens_per_pair(train_pairs), budget) if budget else None
+    budget_batches = token_budget_batches(objective.tokens_per_example(train_pairs), budget) if budget else None
     stream = DataStream(len(train_pairs), training.batch_size, training.seed, budget_batches)
     total = total_steps(recipe, stream, saved)
     evaluation = None if eval_pairs is None else (eval_pairs, eval_summary)
     visits_every_pair = total * training.grad_accum * distributed.world_size() >= stream.per_epoch
     # Rank 0 reads or builds the cache entries; the others then find them built and read them (or, when it keeps the
     # values in memory only, as with an unwritable cache, compute their own, which equal rank 0's).
+    ref_logps = eval_ref_logps = None
     with distributed.main_process_first():
-        ref_logps, eval_ref_logps = training_reference_logps(
-            recipe,
-            model,
-            layout,
-            tokenizer.pad_token_id,
-            (train_pairs, summary),
-            evaluation,
-            visits_every_pair,
-            console,
-        )
+        if objective.uses_reference:
+            ref_logps, eval_ref_logps = training_reference_logps(
+                recipe,
+                model,
+                layout,
+                tokenizer.pad_token_id,
+                (train_pairs, summary),
+                evaluation,
+                visits_every_pair,
+                console,
+            )
     optimizer, scheduler, multiplier = _optimizer_and_schedule(recipe, model, total)
     state = TrainerState(
         step=0,
@@ -350,7 +364,7 @@ def build_run(
         recipe, output_dir, device, tokenizer, train_pairs, summary, eval_pairs, model, scoring_model(model), layout,
         ref_logps,
         optimizer, scheduler, stream, total, state, MetricsLog(output_dir / METRICS_FILE, trackers), checkpoint,
-        eval_ref_logps,
+        eval_ref_logps, objective=objective, example_weights=objective.example_weights(train_pairs),
     )  # fmt: skip
     if checkpoint is not None:
         _resume_state(run, checkpoint, multiplier, console)
@@ -371,12 +385,13 @@ def global_batch(recipe: Recipe) -> str:
     """What one optimizer step averages over: batch (or token budget) x grad_accum x processes."""
     training, processes = recipe.training, distributed.world_size()
     micro_batches = training.grad_accum * processes
+    unit = "examples" if training.objective == "sft" else "pairs"
     per_micro = (
         f"up to {training.max_tokens_per_batch} tokens"
         if training.max_tokens_per_batch
-        else f"{training.batch_size} pairs"
+        else f"{training.batch_size} {unit}"
     )
-    total = "" if training.max_tokens_per_batch else f" = {training.batch_size * micro_batches} pairs"
+    total = "" if training.max_tokens_per_batch else f" = {training.batch_size * micro_batches} {unit}"
     return (
         f"global batch: {per_micro} x grad_accum {training.grad_accum} x {processes} process"
         f"{'es' if processes > 1 else ''}{total} per optimizer step"

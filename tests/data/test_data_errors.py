@@ -185,10 +185,11 @@ def test_bad_data_settings_are_named(tmp_path, capsys, train_args):
     path.write_text(_lines(GOOD, GOOD), encoding="utf-8")
     cases = {
         ("--format", "csv"): "error: recipe key data.format: 'csv' is not one of auto, explicit, hh-rlhf, "
-        "conversational, openai, sharegpt, oasst, stack-exchange\n",
+        "conversational, openai, sharegpt, oasst, stack-exchange, prompt-completion, messages, text\n",
         ("--on-invalid", "ignore"): "error: recipe key data.on_invalid: 'ignore' is not one of error, skip\n",
         ("--columns", "prompt"): "error: --columns 'prompt': 'prompt' is not FIELD=COLUMN with FIELD one of prompt, "
-        "chosen, rejected; e.g. --columns prompt=question,chosen=response_j,rejected=response_k\n",
+        "chosen, rejected, completion, messages, text; e.g. --columns "
+        "prompt=question,chosen=response_j,rejected=response_k\n",
         ("--columns", "prompt=question"): f"error: {path}:1: field 'question': is missing; every record needs the "
         f"column 'question' (mapped to prompt by --columns){SKIP_HINT}\n",
         ("--chat-template", tmp_path / "none.jinja"): f"error: {tmp_path / 'none.jinja'}: chat template file not "

@@ -365,7 +365,7 @@ def _three_steps(tiny_demo, output_dir, layout, checkpointing=False, **dpo):
 )
 def test_training_steps_and_eval_equal_the_padded_layout(tiny_demo, tmp_path, monkeypatch, layout, dpo):
     from dpo_cli.run import evaluate, reference
-    from dpo_cli.run import loop as train
+    from dpo_cli.run import objective as train  # the DPO objective collates the steps' batches
 
     padded, padded_eval, _ = _three_steps(tiny_demo, tmp_path / "padded", "padded", **dpo)
     collated = {}  # module -> layouts its batches were built in

@@ -2,12 +2,13 @@
 
     python3 -m torch.distributed.run --nproc-per-node 2 tests/run/ddp_driver.py JOBS.json
 
-JOBS.json is a list of jobs: {"args": [train arguments], "log": file, "bypass_wrapper": bool, "fail": {...}}. Each
-job is the real command line (`dpo_cli.cli.main`, so exit codes and one-line errors are the user's), with one test
-callback added after the run's own: after every step each process appends to `log.rank{R}` the SHA-256 of its
-adapter weights, and the pairs it trained on. `bypass_wrapper` makes the policy pass skip the DDP wrapper (the
-trap the wrapper exists for), to show that the test catches it. `fail` makes one rank meet a problem at a step:
-{"rank": R, "step": S, "kind": "user_error" | "nan"}. The driver exits with the first job's non-zero exit code.
+JOBS.json is a list of jobs: {"args": [train arguments], "log": file, "bypass_wrapper": bool, "fail": {...},
+"command": "train" (the default) or "sft"}. Each job is the real command line (`dpo_cli.cli.main`, so exit codes
+and one-line errors are the user's), with one test callback added after the run's own: after every step each process
+appends to `log.rank{R}` the SHA-256 of its adapter weights, and the pairs it trained on. `bypass_wrapper` makes the
+policy pass skip the DDP wrapper (the trap the wrapper exists for), to show that the test catches it. `fail` makes
+one rank meet a problem at a step: {"rank": R, "step": S, "kind": "user_error" | "nan"}. The driver exits with the
+first job's non-zero exit code.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from dpo_cli.errors import UserError
 from dpo_cli.model.load import trainable_parameters
-from dpo_cli.run import distributed, loop
+from dpo_cli.run import distributed, loop, objective
 from dpo_cli.run.callbacks import Callback
 
 BAD_RECORD = "train.jsonl:7: bad record (injected by the test on one rank)"
@@ -55,13 +56,13 @@ class Watch(Callback):
             self._write({"step": run.state.step + 1, "failing": fail["kind"], "time": time.time()})
             if fail["kind"] == "user_error":
                 raise UserError(BAD_RECORD)
-            original = loop.score_batch
+            original = objective.score_batch  # what the DPO objective scores a micro-batch with
 
             def nan_losses(*args, **kwargs):
                 scores = original(*args, **kwargs)
                 return dataclasses.replace(scores, losses=scores.losses * float("nan"))
 
-            loop.score_batch = nan_losses
+            objective.score_batch = nan_losses
 
     def on_step_end(self, run, record: dict) -> None:
         self._write({"step": run.state.step, "adapter": adapter_hash(run.model), "pairs": self.pairs})
@@ -76,7 +77,7 @@ def run_job(job: dict) -> int:
 
     defaults = loop.default_callbacks
     loop.default_callbacks = lambda run, console, *more: [*defaults(run, console, *more), Watch(job)]
-    sys.argv = ["dpo-cli", "train", *map(str, job["args"])]
+    sys.argv = ["dpo-cli", job.get("command", "train"), *map(str, job["args"])]
     try:
         main()
     except SystemExit as exit_:

@@ -45,13 +45,13 @@ def _train_args(model: Path, data: Path, out: Path, steps: int, *extra) -> list[
     return [str(arg) for arg in args]
 
 
-def _single_process(*args: str) -> str:
-    """`dpo-cli train ARGS` as one process, in this one; its output."""
+def _single_process(*args: str, command: str = "train") -> str:
+    """`dpo-cli COMMAND ARGS` as one process, in this one; its output."""
     from typer.testing import CliRunner
 
     from dpo_cli.cli import app
 
-    result = CliRunner().invoke(app, ["train", *args])
+    result = CliRunner().invoke(app, [command, *args])
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     return result.output
 
@@ -108,15 +108,18 @@ def _budget_options(stories_data, grad_accum: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_process_runs(stories_model, stories_data, tmp_path_factory):
-    """One torchrun launch, four train commands: `ddp` (3 steps, batch 2 x grad_accum 2 x 2 processes), the same
+    """One torchrun launch, five commands: `ddp` (3 steps, batch 2 x grad_accum 2 x 2 processes), the same
     with the policy pass bypassing the DDP wrapper, `resumed` (a 1-process run of 2 steps, resumed on 2 processes
-    to step 4) and `budget` (token-budget batches, precomputed reference, evaluation); beside them `single` and
-    `budget-single`, the 1-process runs with the same global batches."""
+    to step 4), `budget` (token-budget batches, precomputed reference, evaluation) and `sft` (`dpo-cli sft`, as
+    `ddp`, with evaluation); beside them `single`, `budget-single` and `sft-single`, the 1-process runs with the
+    same global batches."""
     tmp = tmp_path_factory.mktemp("ddp")
     data, model = stories_data["train"], stories_model
     single_out = _single_process(*_train_args(model, data, tmp / "single", 3, "--grad-accum", 4))
     _single_process(*_train_args(model, data, tmp / "resumed", 2, "--grad-accum", 2))
     _single_process(*_train_args(model, data, tmp / "budget-single", 2, *_budget_options(stories_data, 2)))
+    sft_eval = ["--eval-data", str(stories_data["test"])]
+    _single_process(*_train_args(model, data, tmp / "sft-single", 3, "--grad-accum", 4, *sft_eval), command="sft")
     jobs = [
         {"args": _train_args(model, data, tmp / "ddp", 3, "--grad-accum", 2), "log": str(tmp / "ddp.log")},
         {
@@ -131,6 +134,11 @@ def two_process_runs(stories_model, stories_data, tmp_path_factory):
         {
             "args": _train_args(model, data, tmp / "budget", 2, *_budget_options(stories_data, 1)),
             "log": str(tmp / "budget.log"),
+        },
+        {
+            "args": _train_args(model, data, tmp / "sft", 3, "--grad-accum", 2, *sft_eval),
+            "log": str(tmp / "sft.log"),
+            "command": "sft",
         },
     ]
     code, output = _finish(_torchrun(tmp, jobs), timeout=300)
@@ -154,6 +162,22 @@ def test_two_processes_train_exactly_as_one_with_the_same_global_batch(two_proce
     assert adapter.keys() == expected.keys()
     for key, value in adapter.items():
         torch.testing.assert_close(value, expected[key], atol=TOLERANCE, rtol=0)
+
+
+def test_sft_on_two_processes_trains_and_evaluates_exactly_as_one(two_process_runs):
+    """SFT's loss is a mean over every trained token of the step, all processes': the same as one process's."""
+    tmp = two_process_runs["tmp"]
+    single, ddp = _records(tmp / "sft-single"), _records(tmp / "sft")
+    assert [r["step"] for r in ddp] == [1, 2, 3, 3]  # three steps, then the final evaluation
+    for one, two in zip(single, ddp, strict=True):
+        for key in ("loss", "mean_token_accuracy", "grad_norm", "eval_loss", "eval_perplexity", "eval_num_tokens"):
+            if key in one:
+                assert two[key] == pytest.approx(one[key], rel=TOLERANCE), (one["step"], key)
+    logs = [_log(tmp / "sft.log", rank) for rank in range(PROCESSES)]
+    assert [e["adapter"] for e in logs[0]] == [e["adapter"] for e in logs[1]], "both ranks take the same steps"
+    two_processes = load_file(tmp / "sft" / "adapter_model.safetensors")
+    for name, tensor in load_file(tmp / "sft-single" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(two_processes[name], tensor, rtol=0, atol=TOLERANCE)
 
 
 def test_token_budget_batches_precomputed_reference_and_evaluation_match_one_process(two_process_runs):

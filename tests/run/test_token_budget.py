@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dpo_cli.dpo.layouts import token_budget_batches
-from dpo_cli.run.setup import DataStream, tokens_per_pair
+from dpo_cli.run.objective import tokens_per_pair
+from dpo_cli.run.setup import DataStream
 from tests.conftest import run_cli_inprocess
 
 

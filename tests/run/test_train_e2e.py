@@ -140,7 +140,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_demo, tmp_path, capsys
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     tiny_demo, tmp_path, capsys, monkeypatch
 ):
-    from dpo_cli.run import loop as train_module
+    from dpo_cli.run import objective as train_module  # the DPO objective scores the steps' batches
 
     original = train_module.score_batch
     calls = {"n": 0}
