@@ -384,19 +384,27 @@ def summary_rows(summaries: list[RunSummary]) -> list[tuple[str, list[str]]]:
         value = (s.final_eval or {}).get(key)
         return f"{value:.{digits}f}" if value is not None else "-"
 
-    return [
+    keys = {s.accuracy_key for s in summaries}
+    accuracy = "reward accuracy" if keys == {"rewards/accuracies"} else "token accuracy"
+    accuracy = "accuracy" if len(keys) > 1 else accuracy
+    rows = [
         ("steps", [str(s.steps) for s in summaries]),
         ("loss (last step)", [_number(s.final["loss"], 4) for s in summaries]),
-        ("accuracy (last step)", [_number(s.final[s.accuracy_key], 3) for s in summaries]),
+        (f"{accuracy} (last step)", [_number(s.final[s.accuracy_key], 3) for s in summaries]),
         ("eval loss (final)", [final_eval(s, "loss", 4) for s in summaries]),
-        ("eval accuracy (final)", [final_eval(s, s.accuracy_key, 3) for s in summaries]),
+        (f"eval {accuracy} (final)", [final_eval(s, s.accuracy_key, 3) for s in summaries]),
         ("eval reward margin (final)", [final_eval(s, "rewards/margins", 4) for s in summaries]),
         ("eval perplexity (final)", [final_eval(s, "perplexity", 3) for s in summaries]),
         ("best eval loss", [_at(s.best_eval_loss, 4) for s in summaries]),
-        ("best eval accuracy", [_at(s.best_eval_accuracy, 3) for s in summaries]),
+        (f"best eval {accuracy}", [_at(s.best_eval_accuracy, 3) for s in summaries]),
         ("tokens/s", [f"{s.tokens_per_second:,.0f}" if math.isfinite(s.tokens_per_second) else "-" for s in summaries]),
         ("wall time", [_duration(s.wall_seconds) for s in summaries]),
     ]
+    # a row no run has a value for (perplexity in DPO runs, reward margins in SFT runs) is left out
+    return [(label, cells) for label, cells in rows if label not in _EVAL_ONLY or any(c != "-" for c in cells)]
+
+
+_EVAL_ONLY = ("eval reward margin (final)", "eval perplexity (final)")
 
 
 def print_summary(summaries: list[RunSummary], console) -> None:
