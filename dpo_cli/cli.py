@@ -147,6 +147,65 @@ def eval_(
         console.print(line)
 
 
+REWARD_OPTION_HELP = (
+    "FILE.py:FUNC, package.module:FUNC (TRL's reward function contract) or a local sequence-classification reward "
+    "model folder; repeatable. Runs only because it is named here."
+)
+
+
+@app.command()
+@recipe_flags("sample", "model.path", "model.quantize", "data.format", "data.columns", "data.chat_template")
+def sample(
+    prompts: list[Path] = typer.Option(..., "--prompts", help="Prompt file, or any pair or conversation file."),
+    reward: list[str] = typer.Option(..., "--reward", help=REWARD_OPTION_HELP),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Folder for candidates.jsonl, pairs.jsonl, summary."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="Sample base + this adapter (a train output)."),
+    num_samples: int = typer.Option(4, "--num-samples", help="Completions per prompt."),
+    reward_weights: list[float] = typer.Option([], "--reward-weights", help="One weight per --reward (default 1)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (1.0: the model's own)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1.0: off)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit, cut to the model's context."),
+    seed: int = typer.Option(0, "--seed", help="Each sample's random stream derives from it."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sequences (prompts x samples) generated together."),
+    pairing: str = typer.Option("max-min", "--pairing", help="max-min, max-random or all."),
+    min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose rewards differ by less."),
+    missing_eos_penalty: float = typer.Option(
+        0.0, "--missing-eos-penalty", help="Subtracted from the reward of a completion that hit the length limit."
+    ),
+    reward_4bit: bool = typer.Option(False, "--reward-4bit", help="Load a reward model 4-bit (NF4)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    *,
+    overrides: dict,
+):
+    """Sample N completions per prompt, score them with --reward, and pair best against worst for `train`.
+    Rerun into the same --output-dir to continue after the last complete prompt."""
+    from dpo_cli.online.sample import SampleOptions, print_summary, run_sample
+    from dpo_cli.run.distributed import refuse_several_processes
+
+    refuse_several_processes("sample")
+    options = SampleOptions(
+        prompts=prompts,
+        rewards=reward,
+        output_dir=output_dir,
+        num_samples=num_samples,
+        adapter=adapter,
+        overrides=overrides,
+        reward_weights=reward_weights,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        pairing=pairing,
+        min_margin=min_margin,
+        missing_eos_penalty=missing_eos_penalty,
+        reward_quantize=reward_4bit,
+        trust_remote_code=trust_remote_code,
+    )
+    report = run_sample(options, console)
+    print_summary(report, console)
+
+
 @app.command("merge-adapter")
 @recipe_flags("merge-adapter", "model.path")
 def merge_adapter(
@@ -278,6 +337,9 @@ def _main() -> None:
         code = app(prog_name="dpo-cli", standalone_mode=False)  # not "python -m dpo_cli" in the usage line
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        details = getattr(error, "details", None)  # a user's reward raised: under our line, its own traceback
+        if details:
+            print(details, file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
