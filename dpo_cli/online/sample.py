@@ -195,9 +195,8 @@ def sample_prompts(
         tokenizer.pad_token_id,
         eos_ids(tokenizer, model),
     )
-    texts = [
-        completion_text(tokenizer, ids[n], c.token_ids, prompts[n].is_chat) for n, c in zip(rows_prompt, completions)
-    ]
+    rows_completions = zip(rows_prompt, completions, strict=True)
+    texts = [completion_text(tokenizer, ids[n], c.token_ids, prompts[n].is_chat) for n, c in rows_completions]
     rows = []
     for offset, number in enumerate(numbers):
         prompt = prompts[number]
