@@ -116,6 +116,11 @@ def eval_(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit of each sample."),
     samples: Path | None = typer.Option(None, "--samples", help="JSONL file for the --generate samples."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --generate samples."),
+    reward: list[str] = typer.Option(
+        [], "--reward", help="Score the --generate samples of policy and reference: reward, win rate, sampled KL."
+    ),
+    reward_weights: list[float] = typer.Option([], "--reward-weights", help="One weight per --reward (default 1)."),
+    reward_4bit: bool = typer.Option(False, "--reward-4bit", help="Load a reward model 4-bit (NF4)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     *,
     overrides: dict,
@@ -126,6 +131,15 @@ def eval_(
     from dpo_cli.run.eval_adapter import EvalOptions, metrics_table, run_eval
 
     refuse_several_processes("eval")
+    scorer = None
+    if reward:
+        from dpo_cli.online.policy_eval import reward_scorer
+        from dpo_cli.online.rewards import load_rewards
+
+        if generate <= 0:
+            raise UserError("--reward scores samples: pass --generate N, the number of prompts to sample")
+        rewards = load_rewards(reward, reward_weights, trust_remote_code, reward_4bit)
+        scorer = reward_scorer(rewards, generate, max_new_tokens, seed)
 
     options = EvalOptions(
         adapter=adapter,
@@ -137,6 +151,7 @@ def eval_(
         samples=samples,
         seed=seed,
         trust_remote_code=trust_remote_code,
+        sample_scorer=scorer,
     )
     report = run_eval(options, console)
     result, metrics = report.result, report.result["metrics"]
