@@ -125,7 +125,8 @@ def eval_(
     *,
     overrides: dict,
 ):
-    """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base), TRL's metrics.
+    """Score an adapter on held-out pairs: policy (base + adapter) against reference (the base, or base + the
+    reference-adapter/ of a run started --from-adapter), TRL's metrics.
     Settings come from the adapter's recipe.yaml (--model: another base); the flags and --set override them."""
     from dpo_cli.run.distributed import refuse_several_processes
     from dpo_cli.run.eval_adapter import EvalOptions, metrics_table, run_eval

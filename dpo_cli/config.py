@@ -28,6 +28,8 @@ from dpo_cli.errors import UserError
 from dpo_cli.files import read_user_text, write_text_atomic
 
 RECIPE_FILENAME = "recipe.yaml"
+REFERENCE_COPY = "reference-adapter"
+"""The folder, inside a run started `--from-adapter`, holding a copy of that adapter: the run's reference."""
 PRECOMPUTE_REF_CHOICES = ("auto", "true", "false")
 """dpo.precompute_ref: precompute (and cache) the reference when it pays, always, or never."""
 ON_INVALID_CHOICES = ("error", "skip")
@@ -55,6 +57,10 @@ class ModelSection:
     device: str = "auto"
     """auto (cuda if present, else cpu), cpu, cuda or cuda:N."""
     trust_remote_code: bool = False
+    from_adapter: str = field(default="", metadata={"flag": "--from-adapter"})
+    """train: a LoRA adapter folder (from `dpo-cli sft`, or any PEFT LoRA adapter of this base with the `lora`
+    section's rank, alpha and modules) that the policy starts from and that, frozen, is the reference: base + this
+    adapter, never the bare base. The run keeps a copy in its reference-adapter/ folder."""
 
     def __post_init__(self):
         _check_finite_floats("model", self)
@@ -264,6 +270,11 @@ class Recipe:
 
     def save(self, path: Path) -> None:
         header = "# The fully resolved recipe of this run: `dpo-cli train THIS_FILE` repeats it.\n"
+        if self.model.from_adapter:
+            header += (
+                f"# The reference (base + model.from_adapter, frozen) is kept in {REFERENCE_COPY}/ beside this file;\n"
+                "# eval and the model card read it there.\n"
+            )
         write_text_atomic(path, header + yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 

@@ -1,7 +1,8 @@
 """Loading the base model 4-bit with LoRA adapters, and switching between policy and reference.
 
-The reference policy is the same weights with the adapters disabled: `reference_mode(model)` is the only place
-that knows it, so there is never a second copy of the model in memory.
+The reference policy is the same weights with the adapters disabled, or, in a run started from an adapter
+(`train --from-adapter`, model/reference_adapter.py), the frozen adapter named REFERENCE_ADAPTER on the same base:
+`reference_mode(model)` is the only place that switches to it, so there is never a second copy of the base in memory.
 """
 
 from __future__ import annotations
@@ -234,11 +235,39 @@ def scoring_model(model) -> ScoringModel:
     )
 
 
+REFERENCE_ADAPTER = "reference"
+"""The PEFT name of a frozen reference adapter (model/reference_adapter.py): a model that has one is scored as the
+reference with it active, never with the adapters disabled (which would be the bare base)."""
+
+
 @contextlib.contextmanager
 def reference_mode(model) -> Iterator[None]:
-    """The reference policy: the same model with every adapter disabled, and no autograd graph."""
-    with torch.no_grad(), model.disable_adapter():
+    """The reference policy, with no autograd graph: base + the frozen reference adapter when the model has one,
+    else the same model with every adapter disabled."""
+    with torch.no_grad():
+        if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+            with _active_adapter(model, REFERENCE_ADAPTER):
+                yield
+        else:
+            with model.disable_adapter():
+                yield
+
+
+@contextlib.contextmanager
+def _active_adapter(model, name: str) -> Iterator[None]:
+    """`name` as the PEFT model's active adapter, then the one before; every parameter's requires_grad as it was.
+
+    PEFT's set_adapter also marks the adapter it activates trainable and every other one frozen; with
+    inference_mode it freezes them all, and the policy's flags are put back after, so nothing trainable changes."""
+    before = model.active_adapter
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    model.set_adapter(name, inference_mode=True)
+    try:
         yield
+    finally:
+        model.set_adapter(before, inference_mode=True)
+        for param in trainable:
+            param.requires_grad_(True)
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

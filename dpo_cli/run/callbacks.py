@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dpo_cli.files import disk_full_as_user_error, move_files_into, write_text_atomic
+from dpo_cli.model.reference_adapter import save_policy
 from dpo_cli.output_folder import honour_umask
 from dpo_cli.run import distributed
 from dpo_cli.run.checkpoint import save_checkpoint
@@ -191,7 +192,7 @@ class FinalAdapter(Callback):
 
     def _save(self, run: Run) -> None:
         staging = Path(tempfile.mkdtemp(dir=run.output_dir, prefix=f".{FINAL_STAGING}.{os.getpid()}.", suffix=".tmp"))
-        run.model.save_pretrained(staging)
+        save_policy(run.model, staging)
         run.tokenizer.save_pretrained(staging)
         honour_umask(staging)
         move_files_into(staging, run.output_dir)

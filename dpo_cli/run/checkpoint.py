@@ -29,6 +29,7 @@ import torch
 
 from dpo_cli.errors import UserError
 from dpo_cli.files import atomic_directory, remove_folder, remove_stale_temporaries, write_bytes
+from dpo_cli.model.reference_adapter import save_policy
 from dpo_cli.output_folder import honour_umask
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -81,7 +82,7 @@ def _tensors_file_bytes(value) -> bytes:
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int) -> Path:
     target = Path(output_dir) / CHECKPOINTS_DIR / f"step-{state.step:06d}"
     with atomic_directory(target, replace=True, owner_in_name=True) as tmp:
-        model.save_pretrained(tmp)
+        save_policy(model, tmp)
         honour_umask(tmp)  # safetensors writes its file 0600; a checkpoint reads like the rest of the run
         write_bytes(tmp / "optimizer.pt", _tensors_file_bytes(optimizer.state_dict()))
         write_bytes(tmp / "scheduler.pt", _tensors_file_bytes(scheduler.state_dict()))

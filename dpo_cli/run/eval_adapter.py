@@ -22,8 +22,9 @@ from rich.table import Table
 from dpo_cli.data.split import SplitRequest
 from dpo_cli.errors import UserError
 from dpo_cli.files import write_text_atomic
-from dpo_cli.model.adapter import load_base_tokenizer, load_policy, open_adapter
+from dpo_cli.model.adapter import load_base_tokenizer, open_adapter
 from dpo_cli.model.attention_support import resolve_layout
+from dpo_cli.model.reference_adapter import load_policy_and_reference, reference_copy_of
 from dpo_cli.output_folder import check_placeable, is_replaceable_output, is_within
 from dpo_cli.run.data_report import load_split
 from dpo_cli.run.evaluate import evaluate_pairs
@@ -194,7 +195,7 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
     pairs, summary = load_split(tokenizer, request, console)
     if summary.skipped and skipped_dir is None:
         _print_skipped_places(summary, console)
-    model = load_policy(adapter)
+    model = load_policy_and_reference(adapter)  # a run started --from-adapter: against its reference-adapter/
     layout, fallback_note = resolve_layout(recipe.data.layout, model, max_length)
     if fallback_note:
         console.print(fallback_note)
@@ -210,6 +211,7 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
         )
     result = {
         "adapter": str(adapter.path),
+        "reference": str(reference_copy_of(adapter.path)) if recipe.model.from_adapter else "the base",
         "model": adapter.base_path,
         "data": paths,
         "max_length": max_length,

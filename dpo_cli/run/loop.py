@@ -21,6 +21,7 @@ from dpo_cli.dpo.scoring import score_batch
 from dpo_cli.errors import UserError
 from dpo_cli.files import disk_full_as_user_error
 from dpo_cli.model.load import trainable_parameters
+from dpo_cli.model.reference_adapter import REFERENCE_COPY, save_reference_copy
 from dpo_cli.output_folder import claimed_folder
 from dpo_cli.run import distributed, interrupts
 from dpo_cli.run.callbacks import Callback, TrainResult, default_callbacks
@@ -209,6 +210,9 @@ def train(
                 run.output_dir.mkdir(parents=True, exist_ok=True)
                 with disk_full_as_user_error(str(run.output_dir / RECIPE_FILENAME), "rerun"):
                     recipe.save(run.output_dir / RECIPE_FILENAME)
+                if recipe.model.from_adapter:  # eval and the model card find the reference here, wherever it goes
+                    with disk_full_as_user_error(str(run.output_dir / REFERENCE_COPY), "rerun"):
+                        save_reference_copy(Path(recipe.model.from_adapter), run.output_dir)
             return fit(run, default_callbacks(run, console, command))
         finally:
             run.metrics_log.close()  # finishes the trackers' runs, after Ctrl-C or divergence too

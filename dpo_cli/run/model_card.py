@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from dpo_cli.config import RECIPE_FILENAME, read_recipe_file
+from dpo_cli.config import RECIPE_FILENAME, REFERENCE_COPY, read_recipe_file
 from dpo_cli.data.cache import file_fingerprint
 from dpo_cli.files import write_text_atomic
 from dpo_cli.run.report import REPORT_FILE
@@ -124,6 +124,17 @@ def _metrics_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def _reference_sentence(recipe: dict) -> str:
+    start = (recipe.get("model") or {}).get("from_adapter")
+    if not start:
+        return "The reference policy was the base itself (the adapter switched off)."
+    return (
+        f"The run started from the adapter `{start}` (`model.from_adapter`): this adapter began as a copy of it, and "
+        f"the reference policy was the base with that adapter, frozen (a copy is in `{REFERENCE_COPY}/` beside this "
+        "file). This adapter holds the whole policy: base + this adapter is the aligned model."
+    )
+
+
 def model_card(folder: Path, command: str | None = None) -> str:
     """The README.md text for a run folder written by `dpo-cli train`."""
     folder = Path(folder)
@@ -142,7 +153,7 @@ def model_card(folder: Path, command: str | None = None) -> str:
         "",
         f"A LoRA adapter for `{header['base_model']}`, aligned to preference data with DPO "
         f"(loss {' + '.join(dpo.get('loss_type') or ['sigmoid'])}, β {dpo.get('beta', 0.1)}) for {steps} steps by "
-        "dpo-cli. The reference policy was the base itself (the adapter switched off).",
+        f"dpo-cli. {_reference_sentence(recipe)}",
         "",
         "## How it was made",
         "",

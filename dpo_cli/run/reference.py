@@ -1,7 +1,8 @@
 """Reference log-probs scored once and kept on disk (`dpo.precompute_ref`), like TRL's `precompute_ref_log_probs`.
 
-The reference is the base model with the adapters disabled, so it never changes during training: scoring it once
-over a split's pairs saves one forward pass per step (of about four: the policy's forward and backward). The values
+The reference is the base model with the adapters disabled (or base + a frozen reference adapter), so it never
+changes during training: scoring it once over a split's pairs saves one forward pass per step (of about four: the
+policy's forward and backward). The values
 are a (num_pairs, 2) float32 tensor of each pair's (chosen, rejected) log-probs as the losses see them (LD-weighted
 when `dpo.ld_alpha` is set), kept beside the pairs as data rather than layout: a step hands its rows to
 `score_batch(..., ref_logps=...)`, which then skips the reference pass.
@@ -16,6 +17,8 @@ instead of running the reference. The fingerprint is everything the values depen
   path, size, modification time in ns); a file rewritten in place with the same size and time would be missed;
 - how it is loaded: 4-bit or not, the quantization config (quant type, double quantization, compute dtype) and the
   compute dtype;
+- the reference adapter, in a run started from one (`train --from-adapter`, model/reference_adapter.py): the sha256
+  of its config and weights, so another adapter (or the same one retrained in place) never reads these values;
 - `dpo.ld_alpha`, the only loss setting that changes the stored values: every loss reads the reference as these
   per-sequence sums (dpo/scoring.py `_reference_pair`); reference-free SimPO reads none and caches nothing.
 The layout, batch size and device are left out on purpose: they change the values only at float rounding (~1e-6).
@@ -49,6 +52,7 @@ from dpo_cli.data.cache import HASH_CHUNK, cache_root, preparing
 from dpo_cli.dpo.scoring import reference_sequence_logps, scored_batches
 from dpo_cli.files import atomic_directory, write_bytes, write_text_atomic
 from dpo_cli.model.load import resolve_compute_dtype, scoring_model
+from dpo_cli.model.reference_adapter import reference_digest
 from dpo_cli.run.distributed import is_main_process
 
 PAIR_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -203,6 +207,9 @@ def reference_cache(recipe: Recipe, model, pairs_key: str, num_pairs: int) -> Re
         "loading": quantization_settings(model, recipe.model),
         "ld_alpha": recipe.dpo.ld_alpha,
     }
+    adapter = reference_digest(model)
+    if adapter is not None:  # absent otherwise, so the entries of runs from the bare base keep their names
+        inputs["reference_adapter"] = adapter
     blob = json.dumps(inputs, sort_keys=True, default=str)
     key = hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
     return ReferenceCache(root / "reference" / key, num_pairs, json.loads(blob))

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from dpo_cli.config import Recipe
 from dpo_cli.errors import UserError
+from dpo_cli.model.reference_adapter import adapter_content_sha256
 
 FIXED = {
-    "model": ("path", "quantize", "compute_dtype"),
+    "model": ("path", "quantize", "compute_dtype", "from_adapter"),
     "lora": ("r", "alpha", "dropout", "target_modules"),
     "data": ("train", "max_length", "format", "columns", "chat_template", "eval_split"),
     "training": ("batch_size", "grad_accum", "seed", "max_tokens_per_batch"),
@@ -48,6 +49,21 @@ WORLD_SIZE = "world size"
 """Changeable too: the processes a run trains with (torchrun). The data position counts micro-batches of one
 process's size, so a resumed run with another number of processes reads on from the same pair; its global batch
 (batch x grad_accum x processes) is the new one, printed at start."""
+
+
+CONTENT_KEYS = ("data.train", "data.chat_template", "model.from_adapter")
+"""Fixed settings compared by content (a sha256), not by path: the same file moved is the same setting."""
+
+
+def _adapter_content(path: str) -> list[list[str | None]]:
+    """[[path, content hash]] of a --from-adapter folder (config and weights), [] when none is set; the adapter
+    itself was checked before this is called (run/setup.py)."""
+    if not path:
+        return []
+    try:
+        return [[path, adapter_content_sha256(Path(path))]]
+    except OSError:
+        return [[path, None]]
 
 
 def _file_contents(paths: list[str]) -> list[list[str | None]]:
@@ -82,6 +98,7 @@ def fixed_settings(recipe: Recipe) -> dict:
     values["model.path"] = _local_path(recipe.model.path)
     values["data.train"] = _file_contents(recipe.data.train)
     values["data.chat_template"] = _file_contents([recipe.data.chat_template]) if recipe.data.chat_template else []
+    values["model.from_adapter"] = _adapter_content(recipe.model.from_adapter)
     return values
 
 
@@ -90,14 +107,14 @@ def changeable_settings(recipe: Recipe) -> dict:
 
 
 def _describe(key: str, value) -> str:
-    if key in ("data.train", "data.chat_template"):
+    if key in CONTENT_KEYS:
         files = [f"{path} [content {digest[:8] if digest else 'unreadable'}]" for path, digest in value]
         return ", ".join(files) or "none"
     return repr(value)
 
 
 def _same(key: str, saved, now) -> bool:
-    if key in ("data.train", "data.chat_template"):
+    if key in CONTENT_KEYS:
         saved_digests, now_digests = [d for _, d in saved], [d for _, d in now]
         if None in now_digests:
             return True  # a file that cannot be read is reported by the data reader, in its own words

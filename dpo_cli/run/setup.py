@@ -38,6 +38,7 @@ from dpo_cli.model.load import (
     scoring_model,
     trainable_parameters,
 )
+from dpo_cli.model.reference_adapter import check_start_adapter, start_from_adapter
 from dpo_cli.output_folder import check_folder_is_ours, check_placeable, is_within
 from dpo_cli.run import distributed, interrupts
 from dpo_cli.run.checkpoint import (
@@ -63,7 +64,9 @@ from dpo_cli.run.resume_settings import (
 from dpo_cli.run.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
-OUR_TEMPORARIES = r"final|metrics\.jsonl|recipe\.yaml|train_summary\.txt|skipped-\w+\.jsonl|README\.md|report\.png"
+OUR_TEMPORARIES = (
+    r"final|metrics\.jsonl|recipe\.yaml|train_summary\.txt|skipped-\w+\.jsonl|README\.md|report\.png|reference-adapter"
+)
 """What a killed run may leave as `.NAME.{pid}.{random}.tmp` in its output folder (see files.py)."""
 RESUME_HINT = "rerun with --resume"
 
@@ -187,6 +190,9 @@ def check_output_dir(recipe: Recipe) -> Path:
     for path in (*recipe.data.train, *recipe.data.eval, recipe.data.chat_template):
         if path and is_within(path, output_dir):
             raise UserError(f"--output-dir {output_dir}: holds the input file {path}; pick a folder of its own")
+    start = recipe.model.from_adapter
+    if start and (is_within(start, output_dir) or is_within(output_dir, start)):
+        raise UserError(f"--output-dir {output_dir}: is or holds --from-adapter {start}; pick a folder of its own")
     check_folder_is_ours(output_dir, "train", "--output-dir", " or an earlier train run's; pick another --output-dir")
     return output_dir
 
@@ -269,6 +275,8 @@ def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: 
     model = add_lora(
         load_base_model(recipe.model, device, trust_remote_code), recipe.lora, recipe.model.gradient_checkpointing
     )
+    if recipe.model.from_adapter:  # the policy starts as that adapter, which (frozen) is also the reference
+        start_from_adapter(model, Path(recipe.model.from_adapter), recipe.model.path)
     model.train()
     if recipe.model.compile:
         console.print(f"compiling {compile_decoder_layers(model)} decoder layers (torch.compile, on the first steps)")
@@ -298,6 +306,8 @@ def build_run(
         console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")
     recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted
     output_dir = Path(recipe.training.output_dir)
+    if recipe.model.from_adapter:  # before the resume check hashes it, and before any model loads
+        check_start_adapter(Path(recipe.model.from_adapter), recipe.lora, recipe.model.path)
     checkpoint, saved, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
     _set_seed(recipe.training.seed)
     tokenizer = load_tokenizer(recipe.model.path, trust_remote_code)
