@@ -334,9 +334,13 @@ def check_output_dir(options: SampleOptions, model_path: str) -> None:
             raise UserError(f"--output-dir {folder}: overlaps {what} {path}; pick another folder")
 
 
-def run_sample(options: SampleOptions, console: Console) -> SampleReport:
+def run_sample(options: SampleOptions, console: Console, rewards: RewardSet | None = None) -> SampleReport:
+    """Sample, score, append, pair; `rewards` already loaded (iterate's) or loaded here from options.rewards."""
     options.check()
-    rewards = load_rewards(options.rewards, options.reward_weights, options.trust_remote_code, options.reward_quantize)
+    if rewards is None:
+        rewards = load_rewards(
+            options.rewards, options.reward_weights, options.trust_remote_code, options.reward_quantize
+        )
     recipe = recipe_from_dict(options.overrides)
     check_output_dir(options, recipe.model.path)
     prompts = read_prompts([str(p) for p in options.prompts], recipe.data)
