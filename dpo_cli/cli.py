@@ -230,7 +230,7 @@ def sample(
 def iterate(
     recipe: Path | None = typer.Argument(None, help="YAML recipe of each round's training; flags override it."),
     prompts: list[Path] = typer.Option(..., "--prompts", help="Prompt file, or any pair or conversation file."),
-    reward: list[str] = typer.Option(..., "--reward", help=REWARD_OPTION_HELP),
+    reward: list[str] = typer.Option([], "--reward", help=REWARD_OPTION_HELP),
     rounds: int = typer.Option(..., "--rounds", help="Rounds of sample, pair, train, eval."),
     output_dir: Path = typer.Option(..., "--output-dir", help="Folder for round-NN/ folders, state and report.png."),
     eval_prompts: list[Path] = typer.Option([], "--eval-prompts", help="Held-out prompts for reward, win rate, KL."),

@@ -139,6 +139,13 @@ class Iteration:
             self.console,
             self.rewards,
         )  # fmt: skip
+        if report.resumed_prompts:
+            self.console.print(f"round {number}: continued after {report.resumed_prompts} prompts sampled before")
+        summary = report.summary
+        self.console.print(
+            f"round {number}: {summary['samples']} samples, reward mean {summary['reward_mean']:.4f}; "
+            f"{summary['pairs']} pairs, {summary['ties']} ties dropped"
+        )
         if not report.summary["pairs"]:
             raise UserError(
                 f"round {number}: the samples gave no pair (all ties or below --min-margin; see "
@@ -190,6 +197,7 @@ def run_iterate(options: IterateOptions, console: Console) -> dict:
         iteration.save()
         for number in range(1, options.rounds + 1):
             record = _round_record(state, number)
+            iteration.save()  # the round is under way: a resumed run finds it, whatever phase it dies in
             if record["phase"] == "sample":
                 console.print(f"round {number}: sampling")
                 iteration.sample(number, round_prompts(prompts, options.prompts_per_round, number))
