@@ -34,6 +34,7 @@ from dpo_cli.online.prompts import Prompt, read_prompts
 from dpo_cli.online.rewards import RewardSet, load_rewards
 from dpo_cli.online.sample import PAIRS, SUMMARY, SampleOptions, run_sample
 from dpo_cli.output_folder import check_folder_is_ours, claimed_folder
+from dpo_cli.run.loop import train
 
 STATE = "iterate-state.json"
 REPORT = "report.png"
@@ -153,8 +154,6 @@ class Iteration:
             )
 
     def train(self, number: int) -> None:
-        from dpo_cli.run.loop import train
-
         run_dir = self.round_dir(number) / "run"
         start = self.policy_adapter(number)
         values = merge_overrides(

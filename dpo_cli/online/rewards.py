@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_cli.errors import UserError
+from dpo_cli.model.load import resolve_compute_dtype, resolve_device
 
 Text = str | list  # a string, or a list of {"role", "content"} messages
 
@@ -261,8 +262,6 @@ class _ModelScorer:
 
     def load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
-
-        from dpo_cli.model.load import resolve_compute_dtype, resolve_device
 
         device = resolve_device(self.device_name)
         dtype = resolve_compute_dtype("auto", device)

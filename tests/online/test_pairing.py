@@ -96,3 +96,20 @@ def test_missing_eos_penalty_changes_which_sample_is_chosen():
     penalized, _ = pairs_from_candidates(rows, "max-min", 0.0, 1.5, seed=0)
     assert (penalized[0]["chosen"], penalized[0]["rejected"]) == ("b", "c")
     assert penalized[0]["reward_chosen"] == 1.0 and penalized[0]["reward_rejected"] == 0.0
+
+
+def test_only_the_command_line_imports_online():
+    """online/ sits on top of run/, model/ and data/; below cli nothing may reach up into it."""
+    import ast
+
+    from tests.conftest import REPO
+
+    importers = []
+    for path in (REPO / "dpo_cli").rglob("*.py"):
+        if path.name == "cli.py" or "online" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            importers += [f"{path.name}: {name}" for name in names if name.startswith("dpo_cli.online")]
+    assert importers == []
