@@ -347,6 +347,11 @@ def run_sample(options: SampleOptions, console: Console, rewards: RewardSet | No
     policy = load_sampling_policy(options.adapter, options.overrides, options.trust_remote_code, console)
     if recipe.data.chat_template:
         use_chat_template(policy.tokenizer, recipe.data.chat_template)
+    if prompts[0].is_chat and not getattr(policy.tokenizer, "chat_template", None):
+        raise UserError(
+            f"{prompts[0].source}: the prompts are conversations, and the tokenizer has no chat template to render "
+            "them; pass --chat-template FILE.jinja"
+        )
     ids = [prompt_ids(policy.tokenizer, prompt) for prompt in prompts]
     check_prompt_lengths(prompts, ids, context_length(policy.model))
     settings = {

@@ -130,3 +130,13 @@ def test_prompts_from_a_pair_file_are_its_distinct_prompts(capsys, setup, untrai
     assert run_cli_inprocess(capsys, *args)[0] == 0
     distinct = {pair.prompt for pair in read_jsonl(untrained_tiny["test"])}
     assert json.loads((out / "summary.json").read_text())["prompts"] == len(distinct)
+
+
+def test_conversations_without_a_chat_template_are_one_line(capsys, setup):
+    chat = setup["tmp"] / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": [{"role": "user", "content": "Tell me a story."}]}) + "\n")
+    args = sample_args(setup, setup["tmp"] / "out")
+    args[args.index("--prompts") + 1] = chat
+    code, _, err = run_cli_inprocess(capsys, *args)
+    assert code == 2 and err.strip().endswith("has no chat template to render them; pass --chat-template FILE.jinja")
+    assert not (setup["tmp"] / "out").exists()
