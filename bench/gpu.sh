@@ -14,7 +14,9 @@
 #      2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 128,256, tied embeddings: Llama 3.2 1B's
 #      shape), 4-bit NF4 base, bf16 compute, LoRA r16 all-linear, 4 pairs of hh-rlhf-like dialogue per step at
 #      max_length 1024, gradient checkpointing on;
-#   3. if time is left, the same without gradient checkpointing.
+#   3. bench_sample.py: `dpo-cli sample`'s batched generation (samples/s, generated tokens/s) against a
+#      one-prompt-at-a-time model.generate loop, on the same synthetic 1B-class Llama, 4-bit;
+#   4. if time is left, the training step without gradient checkpointing.
 #
 # BENCH_GPU_SMOKE=1 runs the same steps on the CPU at toy sizes (no wheels needed when the packages are installed):
 # that is how this script is checked on a machine without a GPU.
@@ -76,7 +78,17 @@ timeout 270 python3 bench/bench_train.py --device "$device" --model synthetic "$
   "${train[@]}" --workdir /tmp/bench-train --write "$OUT/RESULTS-gpu.md" --json "$OUT/train.json" 2>&1 \
   | tee "$OUT/train.log" || status=1
 
-if [ $((SECONDS - started)) -lt 270 ]; then
+echo "== sampling: dpo-cli sample's batched generation vs a one-at-a-time generate loop"
+if [ "$smoke" = 1 ]; then
+  sample=(--model tiny --prompts 8 --num-samples 2 --max-new-tokens 8 --batch-size 16 --loop-prompts 2)
+else
+  sample=(--model synthetic "${model[@]}" --prompts 64 --num-samples 4 --max-new-tokens 128 --batch-size 256 \
+    --loop-prompts 4)
+fi
+timeout 150 python3 bench/bench_sample.py --device "$device" "${sample[@]}" --json "$OUT/sample.json" 2>&1 \
+  | tee "$OUT/sample.log" || status=1
+
+if [ $((SECONDS - started)) -lt 300 ]; then
   echo "== training step vs TRL, gradient checkpointing off"
   timeout 180 python3 bench/bench_train.py --device "$device" --model synthetic "${model[@]}" --data hh-synthetic \
     "${train[@]}" --no-gradient-checkpointing --workdir /tmp/bench-train-nogc --write "$OUT/RESULTS-gpu.md" \

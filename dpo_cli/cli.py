@@ -171,6 +171,11 @@ def eval_(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit of each sample."),
     samples: Path | None = typer.Option(None, "--samples", help="JSONL file for the --generate samples."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --generate samples."),
+    reward: list[str] = typer.Option(
+        [], "--reward", help="Score the --generate samples of policy and reference: reward, win rate, sampled KL."
+    ),
+    reward_weights: list[float] = typer.Option([], "--reward-weights", help="One weight per --reward (default 1)."),
+    reward_4bit: bool = typer.Option(False, "--reward-4bit", help="Load a reward model 4-bit (NF4)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     *,
     overrides: dict,
@@ -182,6 +187,15 @@ def eval_(
     from dpo_cli.run.eval_adapter import EvalOptions, metrics_table, run_eval
 
     refuse_several_processes("eval")
+    scorer = None
+    if reward:
+        from dpo_cli.online.policy_eval import reward_scorer
+        from dpo_cli.online.rewards import load_rewards
+
+        if generate <= 0:
+            raise UserError("--reward scores samples: pass --generate N, the number of prompts to sample")
+        rewards = load_rewards(reward, reward_weights, trust_remote_code, reward_4bit)
+        scorer = reward_scorer(rewards, generate, max_new_tokens, seed)
 
     options = EvalOptions(
         adapter=adapter,
@@ -193,6 +207,7 @@ def eval_(
         samples=samples,
         seed=seed,
         trust_remote_code=trust_remote_code,
+        sample_scorer=scorer,
     )
     report = run_eval(options, console)
     result, metrics = report.result, report.result["metrics"]
@@ -202,6 +217,112 @@ def eval_(
     console.print(metrics_table(metrics))
     for line in report.written:
         console.print(line)
+
+
+REWARD_OPTION_HELP = (
+    "FILE.py:FUNC, package.module:FUNC (TRL's reward function contract) or a local sequence-classification reward "
+    "model folder; repeatable. Runs only because it is named here."
+)
+
+
+@app.command()
+@recipe_flags("sample", "model.path", "model.quantize", "data.format", "data.columns", "data.chat_template")
+def sample(
+    prompts: list[Path] = typer.Option(..., "--prompts", help="Prompt file, or any pair or conversation file."),
+    reward: list[str] = typer.Option(..., "--reward", help=REWARD_OPTION_HELP),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Folder for candidates.jsonl, pairs.jsonl, summary."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="Sample base + this adapter (a train output)."),
+    num_samples: int = typer.Option(4, "--num-samples", help="Completions per prompt."),
+    reward_weights: list[float] = typer.Option([], "--reward-weights", help="One weight per --reward (default 1)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (1.0: the model's own)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1.0: off)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit, cut to the model's context."),
+    seed: int = typer.Option(0, "--seed", help="Each sample's random stream derives from it."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sequences (prompts x samples) generated together."),
+    pairing: str = typer.Option("max-min", "--pairing", help="max-min, max-random or all."),
+    min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose rewards differ by less."),
+    missing_eos_penalty: float = typer.Option(
+        0.0, "--missing-eos-penalty", help="Subtracted from the reward of a completion that hit the length limit."
+    ),
+    reward_4bit: bool = typer.Option(False, "--reward-4bit", help="Load a reward model 4-bit (NF4)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    *,
+    overrides: dict,
+):
+    """Sample N completions per prompt, score them with --reward, and pair best against worst for `train`.
+    Rerun into the same --output-dir to continue after the last complete prompt."""
+    from dpo_cli.online.sample import SampleOptions, print_summary, run_sample
+    from dpo_cli.run.distributed import refuse_several_processes
+
+    refuse_several_processes("sample")
+    options = SampleOptions(
+        prompts=prompts,
+        rewards=reward,
+        output_dir=output_dir,
+        num_samples=num_samples,
+        adapter=adapter,
+        overrides=overrides,
+        reward_weights=reward_weights,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        pairing=pairing,
+        min_margin=min_margin,
+        missing_eos_penalty=missing_eos_penalty,
+        reward_quantize=reward_4bit,
+        trust_remote_code=trust_remote_code,
+    )
+    report = run_sample(options, console)
+    print_summary(report, console)
+
+
+@app.command()
+@recipe_flags(
+    "iterate", "model.path", "model.quantize", "training.max_steps", "training.batch_size", "training.lr",
+    "dpo.beta", "data.max_length",
+)  # fmt: skip
+def iterate(
+    recipe: Path | None = typer.Argument(None, help="YAML recipe of each round's training; flags override it."),
+    prompts: list[Path] = typer.Option(..., "--prompts", help="Prompt file, or any pair or conversation file."),
+    reward: list[str] = typer.Option([], "--reward", help=REWARD_OPTION_HELP),
+    rounds: int = typer.Option(..., "--rounds", help="Rounds of sample, pair, train, eval."),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Folder for round-NN/ folders, state and report.png."),
+    eval_prompts: list[Path] = typer.Option([], "--eval-prompts", help="Held-out prompts for reward, win rate, KL."),
+    prompts_per_round: int = typer.Option(0, "--prompts-per-round", help="0: all prompts each round; N: a slice."),
+    num_samples: int = typer.Option(4, "--num-samples", help="Completions per prompt."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit of every sample."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature of the rounds' samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass of the rounds' samples."),
+    seed: int = typer.Option(0, "--seed", help="Round r samples under seed + r; eval under seed."),
+    sample_batch_size: int = typer.Option(32, "--sample-batch-size", help="Sequences generated together."),
+    pairing: str = typer.Option("max-min", "--pairing", help="max-min, max-random or all."),
+    min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose rewards differ by less."),
+    missing_eos_penalty: float = typer.Option(0.0, "--missing-eos-penalty", help="Reward penalty for no EOS."),
+    reward_weights: list[float] = typer.Option([], "--reward-weights", help="One weight per --reward (default 1)."),
+    reward_4bit: bool = typer.Option(False, "--reward-4bit", help="Load a reward model 4-bit (NF4)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue where an earlier iterate into DIR stopped."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
+    *,
+    overrides: dict,
+):
+    """Iterative DPO: each round samples the current policy, pairs best against worst by --reward, trains from the
+    previous round's adapter (its reference), and evaluates on --eval-prompts. Resumable with --resume."""
+    from dpo_cli.online.iterate import IterateOptions, run_iterate
+    from dpo_cli.run.distributed import refuse_several_processes
+
+    refuse_several_processes("iterate")
+    options = IterateOptions(
+        recipe=recipe, prompts=prompts, rewards=reward, output_dir=output_dir, rounds=rounds, overrides=overrides,
+        eval_prompts=eval_prompts, prompts_per_round=prompts_per_round, num_samples=num_samples,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        sample_batch_size=sample_batch_size, pairing=pairing, min_margin=min_margin,
+        missing_eos_penalty=missing_eos_penalty, reward_weights=reward_weights, reward_quantize=reward_4bit,
+        trust_remote_code=trust_remote_code, resume=resume, command=shlex.join(["dpo-cli", *sys.argv[1:]]),
+    )  # fmt: skip
+    run_iterate(options, console)
+    console.print(f"done: {rounds} rounds in {output_dir}")
 
 
 @app.command("merge-adapter")
@@ -261,8 +382,15 @@ def report(
     force: bool = typer.Option(False, "--force", help="Replace --output even if it is not a report dpo-cli drew."),
 ):
     """Draw a run's curves (or overlay several runs) and print a summary table: steps, final and best eval, speed."""
+    from dpo_cli.online.iterate import draw_frontier, read_state
     from dpo_cli.run.report import REPORT_FILE, print_summary, report_runs
 
+    states = [read_state(run) for run in runs]
+    if all(states):  # iterate folders: their reward-against-KL frontiers, one line per run
+        output = output or (runs[0] / REPORT_FILE if len(runs) == 1 else Path("comparison.png"))
+        draw_frontier(output, states, [run.name for run in runs])
+        console.print(f"reward-against-KL frontier of {len(runs)} iterate runs written to {output}", soft_wrap=True)
+        return
     if output is None:
         output = runs[0] / REPORT_FILE if len(runs) == 1 else Path("comparison.png")
     result = report_runs(runs, output, force)
@@ -349,6 +477,9 @@ def _main() -> None:
         code = app(prog_name="dpo-cli", standalone_mode=False)  # not "python -m dpo_cli" in the usage line
     except UserError as error:
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
+        details = getattr(error, "details", None)  # a user's reward raised: under our line, its own traceback
+        if details:
+            print(details, file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         _exit_interrupted()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +47,9 @@ class EvalOptions:
     seed: int = 0
     trust_remote_code: bool = False
     """From --trust-remote-code on this command line; the adapter's recipe never grants it."""
+    sample_scorer: Callable | None = None
+    """With --reward: `(model, tokenizer, recipe, advance) -> (metrics, rows)` samples --generate prompts from policy
+    and reference and scores them (dpo_cli.online.policy_eval); rows carry `source` and go to --samples."""
 
     @property
     def data(self) -> list[str]:
@@ -69,7 +72,7 @@ class EvalOptions:
             raise UserError(f"--generate {self.generate}: must be 0 (no samples) or a number of prompts")
         if self.max_new_tokens <= 0:
             raise UserError(f"--max-new-tokens {self.max_new_tokens}: must be positive")
-        if self.generate and self.samples is None:
+        if self.generate and self.samples is None and self.sample_scorer is None:
             raise UserError("--generate needs --samples FILE.jsonl: the file the side-by-side samples are written to")
         self.check_outputs()
 
@@ -217,8 +220,19 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
         "dpo": dataclasses.asdict(recipe.dpo),
         "metrics": metrics,
     }
+    sample_rows = None
+    if options.sample_scorer is not None and options.generate:
+        with _advancing("sample", options.generate, console) as advance:
+            sample_metrics, sample_rows = options.sample_scorer(model, tokenizer, recipe, advance)
+        metrics.update(sample_metrics)
+        if per_pair is not None:
+            _join_sample_rows(per_pair, list(pairs["source"]), sample_rows)
     report = EvalReport(result, _write_outputs(options, result, pairs, per_pair))
-    if options.generate:
+    if sample_rows is not None:
+        if options.samples is not None:
+            write_jsonl(options.samples, sample_rows)
+            report.written.append(f"{len(sample_rows)} prompts sampled and scored, written to {options.samples}")
+    elif options.generate:
         indices = distinct_prompts(pairs, options.generate)
         lengths = [len(pairs[index]["prompt_ids"]) for index in indices]
         max_new_tokens, capped_note = new_token_budget(model, lengths, options.max_new_tokens)
@@ -231,6 +245,21 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
         write_jsonl(options.samples, rows)
         report.written.append(f"{len(rows)} prompts sampled from policy and reference, written to {options.samples}")
     return report
+
+
+def _join_sample_rows(per_pair: list[dict], sources: list[str], sample_rows: list[dict]) -> None:
+    """Each prompt's sample results also go on the first --per-example row of a pair from the same record."""
+    by_source = {_source_key(row["source"]): row for row in sample_rows}
+    for row in per_pair:
+        sample = by_source.pop(_source_key(sources[row["index"]]), None)
+        if sample is not None:
+            row.update({f"sample_{key}": sample[key] for key in ("reward_policy", "reward_reference", "log_ratio")})
+
+
+def _source_key(source: str) -> tuple[str, str]:
+    """file:line with the file resolved: the same record, however its path was written."""
+    path, _, line = source.rpartition(":")
+    return str(Path(path).resolve()), line
 
 
 def _write_outputs(options: EvalOptions, result: dict, pairs, per_pair: list[dict] | None) -> list[str]:

@@ -1,0 +1,111 @@
+"""dpo-cli iterate on the tiny model: a run killed mid-round and resumed ends as an uninterrupted run does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli_inprocess, run_cli_subprocess
+
+# Counts its calls (one per prompt, in sampling and in eval); with KILL_AT set, SIGKILLs its process at that call.
+REWARD_PY = """
+import os, signal
+from dpo_cli.demo.tiny import happy_score
+
+def score(prompts, completions, **columns):
+    calls = os.environ.get("CALLS_FILE")
+    if calls:
+        with open(calls, "a") as handle:
+            handle.write("x")
+        if os.path.getsize(calls) == int(os.environ.get("KILL_AT", "0")):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return [float(happy_score(c) + 0.01 * len(c)) for c in completions]
+"""
+
+
+@pytest.fixture
+def setup(tiny_demo, tmp_path):
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD_PY)
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["One day Tom went to the park.", "At the lake, Mia"])
+    )
+    return {
+        "model": tiny_demo["model"],
+        "prompts": tiny_demo["train"],
+        "reward": f"{reward}:score",
+        "eval": held_out,
+        "tmp": tmp_path,
+    }
+
+
+def iterate_args(setup, out, *extra):
+    return [
+        "iterate", "--model", setup["model"], "--prompts", setup["prompts"], "--reward", setup["reward"],
+        "--rounds", "2", "--prompts-per-round", "3", "--num-samples", "3", "--sample-batch-size", "3",
+        "--eval-prompts", setup["eval"], "--max-new-tokens", "10", "--max-steps", "2", "--batch-size", "2",
+        "--lr", "5e-3", "--output-dir", out, *extra,
+    ]  # fmt: skip
+
+
+def pair_records(path, folder):
+    """The pairs, with each source made relative to its iterate folder (the two runs live in different ones)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        record["source"] = record["source"].replace(str(folder), "DIR")
+    return records
+
+
+def test_resume_after_sigkill_mid_round_gives_the_same_pairs_and_adapter(capsys, setup):
+    whole, killed = setup["tmp"] / "whole", setup["tmp"] / "killed"
+    code, out, err = run_cli_inprocess(capsys, *iterate_args(setup, whole))
+    assert code == 0, err
+    state = json.loads((whole / "iterate-state.json").read_text())
+    assert [r["phase"] for r in state["rounds"]] == ["done", "done"]
+    assert all("samples/kl" in r["eval"] for r in state["rounds"]) and (whole / "report.png").stat().st_size > 0
+
+    # round 1: 3 sampling calls and 2 eval calls; call 7 is round 2's second prompt, after its first is on disk
+    env = {"CALLS_FILE": str(setup["tmp"] / "calls"), "KILL_AT": "7"}
+    os.environ.update(env)
+    try:
+        result = run_cli_subprocess(*iterate_args(setup, killed))
+    finally:
+        for key in env:
+            os.environ.pop(key)
+    assert result.returncode == -signal.SIGKILL
+    state = json.loads((killed / "iterate-state.json").read_text())
+    assert [r["phase"] for r in state["rounds"]] == ["done", "sample"]
+
+    refused = run_cli_subprocess(*iterate_args(setup, killed))
+    assert refused.returncode == 2 and "pass --resume to continue it" in refused.stderr
+    result = run_cli_subprocess(*iterate_args(setup, killed, "--resume"))
+    assert result.returncode == 0, result.stderr
+    assert "round 2: continued after 1 prompts" in result.stdout
+    for number in ("01", "02"):
+        pairs = f"round-{number}/samples/pairs.jsonl"
+        assert pair_records(killed / pairs, killed) == pair_records(whole / pairs, whole)
+    final = "round-02/run/adapter_model.safetensors"
+    got, expected = load_file(killed / final), load_file(whole / final)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert (got[name] == expected[name]).all(), name
+
+
+def test_a_reward_named_only_in_the_recipe_is_not_run(capsys, setup, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"reward: {setup['reward']}\nmodel:\n  path: {setup['model']}\n")
+    args = iterate_args(setup, tmp_path / "out")
+    args.insert(1, str(recipe))
+    at = args.index("--reward")
+    del args[at : at + 2]
+    code, _, err = run_cli_inprocess(capsys, *args)
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert err.strip() == (
+        f"error: {recipe}: names the reward {setup['reward']!r}; a reward is code and runs only when named on the "
+        "command line: pass --reward SPEC if you trust it"
+    )
