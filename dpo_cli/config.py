@@ -30,6 +30,8 @@ from dpo_cli.errors import UserError, shown
 from dpo_cli.files import read_user_text, write_text_atomic
 
 RECIPE_FILENAME = "recipe.yaml"
+SCALAR_KEYS = ("reward",)
+"""Top-level recipe keys that are not sections: `iterate`'s reward spec (run only when --reward names it too)."""
 REFERENCE_COPY = "reference-adapter"
 """The folder, inside a run started `--from-adapter`, holding a copy of that adapter: the run's reference."""
 PRECOMPUTE_REF_CHOICES = ("auto", "true", "false")
@@ -480,7 +482,7 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
         sections = "model, lora, data, training, dpo, sft, report"
         raise UserError(f"{path}: a recipe must be a mapping of sections ({sections})")
     for name, section in values.items():
-        if section is not None and not isinstance(section, dict):
+        if name not in SCALAR_KEYS and section is not None and not isinstance(section, dict):
             raise UserError(
                 f"{path}: recipe section {shown(name, 60)} must be a mapping of keys to values, got "
                 f"{type(section).__name__} {shown(section, 60)}; write its settings as indented `key: value` lines"

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from dpo_cli.config import merge_overrides, read_recipe_file, recipe_from_dict
 from dpo_cli.data.records import json_line
-from dpo_cli.errors import UserError
+from dpo_cli.errors import UserError, shown
 from dpo_cli.files import write_bytes_atomic, write_text_atomic
 from dpo_cli.model.adapter import load_base_tokenizer, load_policy, open_adapter
 from dpo_cli.online.policy_eval import evaluate_samples, sample_metrics
@@ -82,7 +82,7 @@ def recipe_values(options: IterateOptions) -> dict:
     named = values.pop("reward", None)
     if named is not None and not options.rewards:
         raise UserError(
-            f"{options.recipe}: names the reward {named!r}; a reward is code and runs only when named on the "
+            f"{options.recipe}: names the reward {shown(named)}; a reward is code and runs only when named on the "
             "command line: pass --reward SPEC if you trust it"
         )
     return merge_overrides(values, options.overrides)
