@@ -30,6 +30,8 @@ import torch
 from dpo_cli.errors import UserError
 from dpo_cli.files import atomic_directory, remove_folder, remove_stale_temporaries, write_bytes
 from dpo_cli.output_folder import honour_umask
+from dpo_cli.run import sharding
+from dpo_cli.run.distributed import is_main_process
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -78,12 +80,34 @@ def _tensors_file_bytes(value) -> bytes:
     return buffer.getvalue()
 
 
-def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int) -> Path:
+@dataclass
+class WholeState:
+    """What a checkpoint keeps of the adapter and its optimizer, whole (not one process's slice), so that a run with
+    any number of processes and either sharding resumes it."""
+
+    optimizer: dict
+    """The optimizer state keyed by parameter name (torch.distributed.checkpoint's full optimizer state dict)."""
+    adapter: dict | None = None
+    """The LoRA weights keyed by parameter name, gathered from a sharded model; None: PEFT reads them off the model."""
+
+
+def whole_state(model, optimizer) -> WholeState | None:
+    """The adapter and optimizer state a checkpoint saves, for the main process (None in the others). Every process
+    calls it: a sharded run gathers the slices here."""
+    if sharding.is_sharded(model):
+        adapter = sharding.full_adapter_state(model)
+        optimizer_state = sharding.full_optimizer_state(model, optimizer)
+        return WholeState(optimizer_state, adapter) if is_main_process() else None
+    return WholeState(sharding.full_optimizer_state(model, optimizer)) if is_main_process() else None
+
+
+def save_checkpoint(output_dir: Path, model, whole: WholeState, scheduler, state: TrainerState, keep: int) -> Path:
+    """Writes checkpoint `state.step` (the main process alone) from `whole_state`'s result."""
     target = Path(output_dir) / CHECKPOINTS_DIR / f"step-{state.step:06d}"
     with atomic_directory(target, replace=True, owner_in_name=True) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=whole.adapter)  # a plain PEFT adapter folder either way
         honour_umask(tmp)  # safetensors writes its file 0600; a checkpoint reads like the rest of the run
-        write_bytes(tmp / "optimizer.pt", _tensors_file_bytes(optimizer.state_dict()))
+        write_bytes(tmp / "optimizer.pt", _tensors_file_bytes(whole.optimizer))
         write_bytes(tmp / "scheduler.pt", _tensors_file_bytes(scheduler.state_dict()))
         write_bytes(tmp / "rng.pt", _tensors_file_bytes(_rng_states()))
         write_bytes(tmp / STATE_FILE, json.dumps(asdict(state), indent=2).encode())
@@ -139,11 +163,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     optimizer_state = _load_tensors_file(path / "optimizer.pt")
     scheduler_state = _load_tensors_file(path / "scheduler.pt")
     rng = _load_tensors_file(path / "rng.pt")
-    result = set_peft_model_state_dict(model, adapter)
-    if getattr(result, "unexpected_keys", None):
-        raise UserError(f"{path}: checkpoint adapter does not fit this model/recipe (e.g. {result.unexpected_keys[0]})")
+    if sharding.is_sharded(model):
+        unexpected = sharding.load_peft_adapter_state(model, adapter)
+    else:
+        unexpected = getattr(set_peft_model_state_dict(model, adapter), "unexpected_keys", None)
+    if unexpected:
+        raise UserError(f"{path}: checkpoint adapter does not fit this model/recipe (e.g. {unexpected[0]})")
     for file, restore in (
-        ("optimizer.pt", lambda: optimizer.load_state_dict(optimizer_state)),
+        ("optimizer.pt", lambda: _restore_optimizer(model, optimizer, optimizer_state)),
         ("scheduler.pt", lambda: scheduler.load_state_dict(scheduler_state)),
         ("rng.pt", lambda: _set_rng_states(rng)),
     ):
@@ -152,6 +179,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
             raise _unreadable(path / file, f"{error.__class__.__name__}: not what dpo-cli saves there") from None
     return state
+
+
+def _restore_optimizer(model, optimizer, saved: dict) -> None:
+    if all(isinstance(key, int) for key in saved.get("state", {})):  # keyed by position: an earlier dpo-cli's
+        optimizer.load_state_dict(saved)
+    else:
+        sharding.load_optimizer_state(model, optimizer, saved)
 
 
 def apply_schedule(optimizer, scheduler, lr: float, weight_decay: float, multiplier) -> None:

@@ -14,17 +14,34 @@ and the run went on to exit 0. Someone who sends the signal means it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: str | None = None
+_deferred = False
 
 
 def _handler(signum, frame) -> None:
     global _received
     _received = signal.Signals(signum).name
-    raise KeyboardInterrupt
+    if not _deferred:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Inside, a signal is only remembered, and the caller stops where `received()` says so. A sharded run's
+    processes must all stop at the same step: saving its checkpoint gathers the adapter from every one of them,
+    which an interrupt raised at a different point in each would leave waiting for one another."""
+    global _deferred
+    _deferred = True
+    try:
+        yield
+    finally:
+        _deferred = False
 
 
 def install() -> dict:
