@@ -14,7 +14,10 @@
 #      2048, 16 layers, 32 heads / 8 KV heads, intermediate 8192, vocab 128,256, tied embeddings: Llama 3.2 1B's
 #      shape), 4-bit NF4 base, bf16 compute, LoRA r16 all-linear, 4 pairs of hh-rlhf-like dialogue per step at
 #      max_length 1024, gradient checkpointing on;
-#   3. if time is left, the same without gradient checkpointing.
+#   3. on a machine with 2 or more GPUs, bench_sharding.py: memory per GPU of 1 process, 2 processes with
+#      --sharding ddp and 2 with --sharding fsdp on the same synthetic 1B-class Llama (one line says it was skipped
+#      on one GPU);
+#   4. if time is left, the same training step without gradient checkpointing.
 #
 # BENCH_GPU_SMOKE=1 runs the same steps on the CPU at toy sizes (no wheels needed when the packages are installed):
 # that is how this script is checked on a machine without a GPU.
@@ -59,11 +62,13 @@ if [ "$smoke" = 1 ]; then
   logprob_sizes=64x1000x64,128x4000x128
   model=(--hidden 64 --layers 2 --vocab 1000 --intermediate 128 --heads 4 --kv-heads 2)
   train=(--max-length 64 --batch-size 2 --steps 2 --warmup 1 --repeats 1)
+  sharded_model=(--hidden 64 --layers 2 --intermediate 128 --heads 4)
 else
   device=cuda
   logprob_sizes=2048x128256x1024,2048x128256x4096,4096x128256x4096
   model=(--hidden 2048 --layers 16 --vocab 128256 --intermediate 8192 --heads 32 --kv-heads 8)
   train=(--max-length 1024 --batch-size 4 --steps 8 --warmup 2 --repeats 1)
+  sharded_model=(--hidden 2048 --layers 16 --intermediate 8192 --heads 32)
 fi
 status=0
 
@@ -76,7 +81,16 @@ timeout 270 python3 bench/bench_train.py --device "$device" --model synthetic "$
   "${train[@]}" --workdir /tmp/bench-train --write "$OUT/RESULTS-gpu.md" --json "$OUT/train.json" 2>&1 \
   | tee "$OUT/train.log" || status=1
 
-if [ $((SECONDS - started)) -lt 270 ]; then
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "$smoke" != 1 ] && [ "${gpus:-0}" -lt 2 ]; then
+  echo "== skipped the 2-process fsdp run: ${gpus:-0} GPU here, it needs 2"
+else
+  echo "== memory per process: 1 process, 2 with --sharding ddp, 2 with --sharding fsdp"
+  timeout 150 python3 bench/bench_sharding.py --device "$device" "${sharded_model[@]}" --workdir /tmp/bench-sharding \
+    --write "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/sharding.log" || status=1
+fi
+
+if [ $((SECONDS - started)) -lt 300 ]; then
   echo "== training step vs TRL, gradient checkpointing off"
   timeout 180 python3 bench/bench_train.py --device "$device" --model synthetic "${model[@]}" --data hh-synthetic \
     "${train[@]}" --no-gradient-checkpointing --workdir /tmp/bench-train-nogc --write "$OUT/RESULTS-gpu.md" \
