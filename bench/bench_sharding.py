@@ -28,7 +28,7 @@ SHARED = ROOT.parent / "shared"
 TOKENIZER = SHARED / "models" / "stories260K"
 DATA = SHARED / "data" / "stories-happy" / "train.jsonl"
 MIB = 2**20
-CONFIGS = {"1 process": (1, "ddp"), "2 processes, ddp": (2, "ddp"), "2 processes, fsdp": (2, "fsdp")}
+CONFIGS = {"1 process": (1, "ddp"), "2 processes ddp": (2, "ddp"), "2 processes fsdp": (2, "fsdp")}
 
 
 def build_model(folder: Path, args) -> int:

@@ -47,6 +47,9 @@ from tests.run.test_distributed import (
 
 FSDP = ["--sharding", "fsdp"]
 LR = "2e-4"
+RELATIVE = 1e-5
+"""Or within this fraction: grad norms near 10 are float32 sums; resumed from a ddp and an fsdp checkpoint of the
+same step they agreed to 1.2e-6 of their size here."""
 
 
 def _args(model, data, out, steps: int, *extra) -> list[str]:
@@ -117,7 +120,7 @@ def _assert_same_records(records: list[dict], expected: list[dict], keys: tuple[
         assert record.keys() == wanted.keys()
         for key in keys:
             if key in wanted:
-                assert record[key] == pytest.approx(wanted[key], abs=TOLERANCE), (record["step"], key)
+                assert record[key] == pytest.approx(wanted[key], abs=TOLERANCE, rel=RELATIVE), (record["step"], key)
 
 
 def _assert_same_adapter(folder, expected_folder) -> None:
