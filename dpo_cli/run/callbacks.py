@@ -179,7 +179,7 @@ class Checkpointer(Callback):
         whole = whole_state(run.model, run.optimizer)  # every process: a sharded run gathers its slices
         if is_main_process():
             with disk_full_as_user_error(f"the checkpoint of step {run.state.step}", RESUME_HINT):
-                save_checkpoint(run.output_dir, run.model, whole, run.scheduler, run.state, self.keep)
+                save_checkpoint(run.output_dir, run.model, run.optimizer, run.scheduler, run.state, self.keep, whole)
             if report:
                 write_run_report(run.output_dir)  # report.png: the curves so far, at every checkpoint
         self.last_saved = run.state.step  # only once saved: an interrupt during the save saves again

@@ -101,8 +101,12 @@ def whole_state(model, optimizer) -> WholeState | None:
     return WholeState(sharding.full_optimizer_state(model, optimizer)) if is_main_process() else None
 
 
-def save_checkpoint(output_dir: Path, model, whole: WholeState, scheduler, state: TrainerState, keep: int) -> Path:
-    """Writes checkpoint `state.step` (the main process alone) from `whole_state`'s result."""
+def save_checkpoint(
+    output_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int, whole: WholeState | None = None
+) -> Path:
+    """Writes checkpoint `state.step` (the main process alone). `whole`: `whole_state`'s result, which every process
+    of a sharded run must gather beforehand; None: taken here, from a model that is not sharded."""
+    whole = whole or whole_state(model, optimizer)
     target = Path(output_dir) / CHECKPOINTS_DIR / f"step-{state.step:06d}"
     with atomic_directory(target, replace=True, owner_in_name=True) as tmp:
         model.save_pretrained(tmp, state_dict=whole.adapter)  # a plain PEFT adapter folder either way
