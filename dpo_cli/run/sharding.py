@@ -11,12 +11,14 @@ layer's quantization state on the module again after FSDP swaps the parameter.
 Why the backbone is the root: dpo/scoring calls the backbone directly and reads the LM head's weight directly (the
 fused log-probs never build the logits), so every forward (policy, reference with adapters off, evaluation) runs
 through the backbone's FSDP hooks without any wrapper. The LM head is not sharded: it stays whole in every process
-(frozen, identical everywhere; with tied embeddings it is the embedding matrix itself).
+(frozen, identical everywhere; with tied embeddings it keeps the whole embedding matrix, whose sharded copy serves
+the backbone).
 
 Everything FSDP changes for the rest of the run is here: `shard` (the wrapping), `full_tensor` / `full_adapter_state`
 / `full_optimizer_state` (the whole adapter and optimizer state, gathered for a checkpoint that any world size and
 either sharding can resume), `load_adapter_state` / `load_optimizer_state` (a full state sliced back in),
-`local_part` (this process's slice, for checks each process runs on what it holds).
+`local_part` (this process's slice, for checks each process runs on what it holds), `gradient_sync_paused` (one
+reduction per step, as DDP's `no_sync`) and `eval_batches` (every process runs as many forwards in evaluation).
 """
 
 from __future__ import annotations
