@@ -16,7 +16,10 @@
 #      max_length 1024, gradient checkpointing on;
 #   3. bench_sample.py: `dpo-cli sample`'s batched generation (samples/s, generated tokens/s) against a
 #      one-prompt-at-a-time model.generate loop, on the same synthetic 1B-class Llama, 4-bit;
-#   4. if time is left, the training step without gradient checkpointing.
+#   4. on a machine with 2 or more GPUs, bench_sharding.py: memory per GPU of 1 process, 2 processes with
+#      --sharding ddp and 2 with --sharding fsdp on the same synthetic 1B-class Llama (one line says it was skipped
+#      on one GPU);
+#   5. if time is left, the training step without gradient checkpointing.
 #
 # BENCH_GPU_SMOKE=1 runs the same steps on the CPU at toy sizes (no wheels needed when the packages are installed):
 # that is how this script is checked on a machine without a GPU.
@@ -61,11 +64,13 @@ if [ "$smoke" = 1 ]; then
   logprob_sizes=64x1000x64,128x4000x128
   model=(--hidden 64 --layers 2 --vocab 1000 --intermediate 128 --heads 4 --kv-heads 2)
   train=(--max-length 64 --batch-size 2 --steps 2 --warmup 1 --repeats 1)
+  sharded_model=(--hidden 64 --layers 2 --intermediate 128 --heads 4)
 else
   device=cuda
   logprob_sizes=2048x128256x1024,2048x128256x4096,4096x128256x4096
   model=(--hidden 2048 --layers 16 --vocab 128256 --intermediate 8192 --heads 32 --kv-heads 8)
   train=(--max-length 1024 --batch-size 4 --steps 8 --warmup 2 --repeats 1)
+  sharded_model=(--hidden 2048 --layers 16 --intermediate 8192 --heads 32)
 fi
 status=0
 
@@ -87,6 +92,15 @@ else
 fi
 timeout 150 python3 bench/bench_sample.py --device "$device" "${sample[@]}" --json "$OUT/sample.json" 2>&1 \
   | tee "$OUT/sample.log" || status=1
+
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "$smoke" != 1 ] && [ "${gpus:-0}" -lt 2 ]; then
+  echo "== skipped the 2-process fsdp run: ${gpus:-0} GPU here, it needs 2"
+else
+  echo "== memory per process: 1 process, 2 with --sharding ddp, 2 with --sharding fsdp"
+  timeout 150 python3 bench/bench_sharding.py --device "$device" "${sharded_model[@]}" --workdir /tmp/bench-sharding \
+    --write "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/sharding.log" || status=1
+fi
 
 if [ $((SECONDS - started)) -lt 300 ]; then
   echo "== training step vs TRL, gradient checkpointing off"

@@ -40,6 +40,8 @@ OBJECTIVES = ("dpo", "sft")
 """training.objective: what a run trains, set by its command (train: dpo, sft: sft)."""
 ON_INVALID_CHOICES = ("error", "skip")
 """data.on_invalid: stop at the first bad record, or set bad records aside and count them."""
+SHARDING_CHOICES = ("ddp", "fsdp")
+"""training.sharding: under a launcher, a whole model per process (DDP) or the model sharded over them (FSDP2)."""
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 """The devices model.resolve_device understands: auto, cpu, cuda, cuda:N."""
 
@@ -172,6 +174,9 @@ class TrainingSection:
     """0: micro-batches of `batch_size` pairs. N: micro-batches of up to N tokens (prompt+chosen + prompt+rejected
     per pair), pairs of similar length together, the same micro-batches each epoch in a seeded order. The loss is
     still the mean over the pairs of an optimizer step."""
+    sharding: str = field(default="ddp", metadata={"flag": "--sharding"})
+    """Under a launcher (torchrun): ddp keeps a whole copy of the model in each process (speed); fsdp shards the 4-bit
+    base, the adapter and its optimizer state over the processes (FSDP2), for a model larger than one GPU."""
 
     def __post_init__(self):
         _check_finite_floats("training", self)
@@ -195,6 +200,7 @@ class TrainingSection:
             raise UserError(f"recipe key training.warmup_ratio: {self.warmup_ratio} is outside [0, 1)")
         _check_choice("training.scheduler", self.scheduler, ("cosine", "linear", "constant"))
         _check_choice("training.objective", self.objective, OBJECTIVES)
+        _check_choice("training.sharding", self.sharding, SHARDING_CHOICES)
 
 
 @dataclass

@@ -110,10 +110,14 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else error.__class__.__name__
 
 
-def load_base_model(config: ModelSection, device: torch.device, trust_remote_code: bool = False):
+def load_base_model(
+    config: ModelSection, device: torch.device, trust_remote_code: bool = False, shardable: bool = False
+):
     """The frozen base: NF4 4-bit with double quantization, or plain weights in the compute dtype.
 
     `trust_remote_code` comes from the command line; `config.trust_remote_code` (a recipe key) is never read.
+    `shardable` stores the 4-bit weights in the compute dtype instead of uint8 (the same values), so that FSDP can
+    shard them (run/sharding.py).
     """
     from transformers import BitsAndBytesConfig
 
@@ -127,6 +131,7 @@ def load_base_model(config: ModelSection, device: torch.device, trust_remote_cod
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
         )
         kwargs["device_map"] = {"": device}
     model = load_pretrained(config.path, **kwargs)

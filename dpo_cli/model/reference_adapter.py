@@ -230,10 +230,10 @@ def _load_into(model, weights: dict[str, torch.Tensor], adapter_name: str, adapt
         )
 
 
-def save_policy(model, folder: Path) -> None:
+def save_policy(model, folder: Path, state_dict: dict | None = None) -> None:
     """The policy adapter only, as a PEFT adapter folder (PEFT would save every adapter, the reference in a
-    subfolder)."""
-    model.save_pretrained(folder, selected_adapters=[POLICY_ADAPTER])
+    subfolder). `state_dict`: the weights gathered from a sharded model; None: read off the model."""
+    model.save_pretrained(folder, selected_adapters=[POLICY_ADAPTER], state_dict=state_dict)
 
 
 def reference_digest(model) -> str | None:

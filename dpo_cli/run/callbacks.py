@@ -20,8 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dpo_cli.files import disk_full_as_user_error, move_files_into, write_text_atomic
 from dpo_cli.model.reference_adapter import save_policy
 from dpo_cli.output_folder import honour_umask
-from dpo_cli.run import distributed
-from dpo_cli.run.checkpoint import save_checkpoint
+from dpo_cli.run import distributed, sharding
+from dpo_cli.run.checkpoint import save_checkpoint, whole_state
 from dpo_cli.run.distributed import is_main_process
 from dpo_cli.run.model_card import write_model_card
 from dpo_cli.run.report import write_run_report
@@ -79,6 +79,9 @@ def evaluate(run: Run) -> dict[str, float]:
         run.recipe.training.eval_batch_size,
         run.layout,
         None if run.eval_ref_logps is None else distributed.my_share(run.eval_ref_logps),
+        # Sharded, each forward is a collective: every process must score as many batches (sharding.eval_batches).
+        min_batches=sharding.eval_batches(run.model, len(run.eval_pairs), run.recipe.training.eval_batch_size),
+        filler=run.eval_pairs[0],
     )
     return {f"eval_{key}": value for key, value in metrics.items()}
 
@@ -176,9 +179,10 @@ class Checkpointer(Callback):
             self.save(run, report=False)
 
     def save(self, run: Run, report: bool = True) -> None:
+        whole = whole_state(run.model, run.optimizer)  # every process: a sharded run gathers its slices
         if is_main_process():
             with disk_full_as_user_error(f"the checkpoint of step {run.state.step}", RESUME_HINT):
-                save_checkpoint(run.output_dir, run.model, run.optimizer, run.scheduler, run.state, self.keep)
+                save_checkpoint(run.output_dir, run.model, run.optimizer, run.scheduler, run.state, self.keep, whole)
             if report:
                 write_run_report(run.output_dir)  # report.png: the curves so far, at every checkpoint
         self.last_saved = run.state.step  # only once saved: an interrupt during the save saves again
@@ -188,14 +192,16 @@ class FinalAdapter(Callback):
     """The standard PEFT adapter folder, plus tokenizer and train_summary.txt, each file renamed into place."""
 
     def on_end(self, run: Run, result: TrainResult) -> None:
+        # Sharded, every process gives its slice of the adapter; else PEFT reads it off the main process's model.
+        adapter = sharding.full_adapter_state(run.model) if sharding.is_sharded(run.model) else None
         if not is_main_process():
             return
         with disk_full_as_user_error(f"the final adapter into {run.output_dir}", RESUME_HINT):
-            self._save(run)
+            self._save(run, adapter)
 
-    def _save(self, run: Run) -> None:
+    def _save(self, run: Run, adapter: dict | None) -> None:
         staging = Path(tempfile.mkdtemp(dir=run.output_dir, prefix=f".{FINAL_STAGING}.{os.getpid()}.", suffix=".tmp"))
-        save_policy(run.model, staging)
+        save_policy(run.model, staging, state_dict=adapter)
         run.tokenizer.save_pretrained(staging)
         honour_umask(staging)
         move_files_into(staging, run.output_dir)

@@ -33,6 +33,8 @@ from dpo_cli.files import atomic_directory, remove_folder, remove_stale_temporar
 from dpo_cli.model.adapter import check_adapter_weights
 from dpo_cli.model.reference_adapter import save_policy
 from dpo_cli.output_folder import honour_umask
+from dpo_cli.run import sharding
+from dpo_cli.run.distributed import is_main_process
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -81,12 +83,38 @@ def _tensors_file_bytes(value) -> bytes:
     return buffer.getvalue()
 
 
-def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int) -> Path:
+@dataclass
+class WholeState:
+    """What a checkpoint keeps of the adapter and its optimizer, whole (not one process's slice), so that a run with
+    any number of processes and either sharding resumes it."""
+
+    optimizer: dict
+    """The optimizer state keyed by parameter name (torch.distributed.checkpoint's full optimizer state dict)."""
+    adapter: dict | None = None
+    """The LoRA weights keyed by parameter name, gathered from a sharded model; None: PEFT reads them off the model."""
+
+
+def whole_state(model, optimizer) -> WholeState | None:
+    """The adapter and optimizer state a checkpoint saves, for the main process (None in the others). Every process
+    calls it: a sharded run gathers the slices here."""
+    if sharding.is_sharded(model):
+        adapter = sharding.full_adapter_state(model)
+        optimizer_state = sharding.full_optimizer_state(model, optimizer)
+        return WholeState(optimizer_state, adapter) if is_main_process() else None
+    return WholeState(sharding.full_optimizer_state(model, optimizer)) if is_main_process() else None
+
+
+def save_checkpoint(
+    output_dir: Path, model, optimizer, scheduler, state: TrainerState, keep: int, whole: WholeState | None = None
+) -> Path:
+    """Writes checkpoint `state.step` (the main process alone). `whole`: `whole_state`'s result, which every process
+    of a sharded run must gather beforehand; None: taken here, from a model that is not sharded."""
+    whole = whole or whole_state(model, optimizer)
     target = Path(output_dir) / CHECKPOINTS_DIR / f"step-{state.step:06d}"
     with atomic_directory(target, replace=True, owner_in_name=True) as tmp:
-        save_policy(model, tmp)
+        save_policy(model, tmp, state_dict=whole.adapter)  # a plain PEFT adapter folder either way
         honour_umask(tmp)  # safetensors writes its file 0600; a checkpoint reads like the rest of the run
-        write_bytes(tmp / "optimizer.pt", _tensors_file_bytes(optimizer.state_dict()))
+        write_bytes(tmp / "optimizer.pt", _tensors_file_bytes(whole.optimizer))
         write_bytes(tmp / "scheduler.pt", _tensors_file_bytes(scheduler.state_dict()))
         write_bytes(tmp / "rng.pt", _tensors_file_bytes(_rng_states()))
         write_bytes(tmp / STATE_FILE, json.dumps(asdict(state), indent=2).encode())
@@ -180,6 +208,11 @@ def _restore_adapter(model, adapter: dict, file: Path) -> None:
     """Every trainable (LoRA) weight of `model` from `adapter`: one missing, extra or of another shape is one line."""
     from peft import set_peft_model_state_dict
 
+    if sharding.is_sharded(model):  # each process takes its slice of the whole weights
+        unexpected = sharding.load_peft_adapter_state(model, adapter)
+        if unexpected:
+            raise UserError(f"{file}: checkpoint adapter does not fit this model/recipe (e.g. {unexpected[0]})")
+        return
     try:
         result = set_peft_model_state_dict(model, adapter)
     except RuntimeError as error:  # torch's size mismatch
@@ -211,7 +244,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     rng = _load_tensors_file(path / "rng.pt")
     _restore_adapter(model, adapter, path / ADAPTER_FILE)
     for file, restore in (
-        ("optimizer.pt", lambda: optimizer.load_state_dict(optimizer_state)),
+        ("optimizer.pt", lambda: _restore_optimizer(model, optimizer, optimizer_state)),
         ("scheduler.pt", lambda: scheduler.load_state_dict(scheduler_state)),
         ("rng.pt", lambda: _set_rng_states(rng)),
     ):
@@ -219,7 +252,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
             restore()
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
             raise _unreadable(path / file, f"{error.__class__.__name__}: not what dpo-cli saves there") from None
-    problem = _optimizer_state_problem(optimizer)
+    # Sharded, the moments are DTensor slices: the whole state was read from optimizer.pt, so check that instead.
+    problem = (
+        _saved_moments_problem(optimizer_state) if sharding.is_sharded(model) else _optimizer_state_problem(optimizer)
+    )
     if problem:
         raise _unreadable(path / "optimizer.pt", problem)
     return state
@@ -237,6 +273,22 @@ def _optimizer_state_problem(optimizer) -> str | None:
             if not bool(torch.isfinite(value).all()):
                 return f"its {name} holds NaN or infinite values"
     return None
+
+
+def _saved_moments_problem(saved: dict) -> str | None:
+    """`_optimizer_state_problem` for a whole saved state (keyed by parameter name): a non-finite moment."""
+    for per_param in saved.get("state", {}).values():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"its {name} holds NaN or infinite values"
+    return None
+
+
+def _restore_optimizer(model, optimizer, saved: dict) -> None:
+    if all(isinstance(key, int) for key in saved.get("state", {})):  # keyed by position: an earlier dpo-cli's
+        optimizer.load_state_dict(saved)
+    else:
+        sharding.load_optimizer_state(model, optimizer, saved)
 
 
 def apply_schedule(optimizer, scheduler, lr: float, weight_decay: float, multiplier) -> None:

@@ -6,7 +6,9 @@ set, with TRL's names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
@@ -27,9 +29,13 @@ def evaluate_pairs(
     per_pair: list[dict] | None = None,
     layout: str = "padded",
     ref_logps: torch.Tensor | None = None,
+    min_batches: int = 0,
+    filler=None,
 ) -> dict[str, float]:
     """Metrics over `pairs`; with `per_pair` a list, one row per pair (rewards, margin, ranked right) is appended.
-    `ref_logps` (num_pairs, 2), the pairs' reference log-probs (run/reference.py), replaces the reference pass."""
+    `ref_logps` (num_pairs, 2), the pairs' reference log-probs (run/reference.py), replaces the reference pass.
+    `min_batches`: after `pairs`, the pair `filler` is scored alone until that many batches ran, and not counted
+    (a sharded model's forward is a collective: every process must run as many)."""
     device = next(model.parameters()).device
     scoring = scoring_model(model)
     was_training = model.training
@@ -37,6 +43,9 @@ def evaluate_pairs(
     metrics = PairMetrics()
 
     scored_pairs = 0  # scored_batches takes consecutive pairs: the next batch's reference rows start here
+
+    def score_filler(refs, batch):
+        return score_batch(scoring, batch, dpo, refs)
 
     def score(batch):
         nonlocal scored_pairs
@@ -57,6 +66,9 @@ def evaluate_pairs(
                 _append_rows(per_pair, start, scores)
             if on_batch is not None:
                 on_batch(stop - start)
+        filler_refs = None if ref_logps is None else torch.zeros((1, 2))
+        for _ in range(min_batches - math.ceil(len(pairs) / batch_size)):
+            next(scored_batches([filler], pad_token_id, layout, 1, device, partial(score_filler, filler_refs)))
     finally:
         model.train(was_training)
     (num_pairs,) = sum_over_ranks([metrics.count])  # means() are over every rank's pairs too

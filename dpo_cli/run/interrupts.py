@@ -24,14 +24,14 @@ import signal  # and nothing slower: __main__ installs the handler with this mod
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: str | None = None
-_holding = False
+_quiet = False  # inside held() or deferred(): a signal is remembered, not raised
 
 
 def _handler(signum, frame) -> None:
     global _received
     first = _received is None
     _received = _received or signal.Signals(signum).name
-    if first and not _holding:
+    if first and not _quiet:
         raise KeyboardInterrupt
 
 
@@ -56,19 +56,35 @@ def restore(previous: dict) -> None:
         signal.signal(sig, handler)
 
 
-class held:
-    """A block that no signal interrupts: a signal is remembered (see `received`), and the block runs to its end.
-    For short work that must not be left half done (a finished run's outputs); the caller then checks `received`.
-    (A class, not a contextlib generator: this module imports nothing but `signal`, see __main__.)"""
+class _Quiet:
+    """A block in which a signal is only remembered (see `received`), not raised. (A class, not a contextlib
+    generator: this module imports nothing but `signal`, see __main__.)"""
+
+    def __init__(self, stop_if_received: bool):
+        self.stop_if_received = stop_if_received
 
     def __enter__(self) -> None:
-        global _holding
-        raise_if_received()
-        self._before, _holding = _holding, True
+        global _quiet
+        if self.stop_if_received:
+            raise_if_received()
+        self._before, _quiet = _quiet, True
 
     def __exit__(self, *exc) -> None:
-        global _holding
-        _holding = self._before
+        global _quiet
+        _quiet = self._before
+
+
+def held() -> _Quiet:
+    """A block that no signal interrupts: a signal is remembered (see `received`), and the block runs to its end.
+    For short work that must not be left half done (a finished run's outputs); the caller then checks `received`."""
+    return _Quiet(stop_if_received=True)
+
+
+def deferred() -> _Quiet:
+    """Inside, a signal is only remembered, and the caller stops where `received()` says so. A sharded run's
+    processes must all stop at the same step: saving its checkpoint gathers the adapter from every one of them,
+    which an interrupt raised at a different point in each would leave waiting for one another."""
+    return _Quiet(stop_if_received=False)
 
 
 def ignore() -> None:

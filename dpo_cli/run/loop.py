@@ -21,7 +21,7 @@ from dpo_cli.files import disk_full_as_user_error
 from dpo_cli.model.load import trainable_parameters
 from dpo_cli.model.reference_adapter import REFERENCE_COPY, save_reference_copy
 from dpo_cli.output_folder import claimed_folder
-from dpo_cli.run import distributed, interrupts
+from dpo_cli.run import distributed, interrupts, sharding
 from dpo_cli.run.callbacks import Callback, TrainResult, default_callbacks
 from dpo_cli.run.metrics import is_finite
 from dpo_cli.run.setup import Run, build_run, check_output_dir, run_device
@@ -66,10 +66,11 @@ def _ref_logps(run: Run, indices: list[int]) -> torch.Tensor | None:
 
 
 def _gradient_sync(run: Run, last: bool):
-    """DDP all-reduces the gradients once per step, in the backward of this process's last micro-batch."""
+    """DDP all-reduces (FSDP reduce-scatters) the gradients once per step, in the backward of this process's last
+    micro-batch: summed in the same order as one process sums them."""
     if run.data_parallel is None or last:
         return contextlib.nullcontext()
-    return run.data_parallel.no_sync()
+    return sharding.gradient_sync_paused(run.data_parallel)
 
 
 def _backward_micro_batches(run: Run, batches: list[list[int]]):
@@ -101,14 +102,14 @@ def _backward_micro_batches(run: Run, batches: list[list[int]]):
 def _update(run: Run) -> float:
     """Clips and applies the accumulated gradient; the gradient norm. Refuses a non-finite gradient or weight."""
     params = trainable_parameters(run.model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.recipe.training.max_grad_norm)
+    grad_norm = sharding.full_tensor(torch.nn.utils.clip_grad_norm_(params, run.recipe.training.max_grad_norm))
     if not is_finite(grad_norm):  # clipping cannot rescue it: inf * 0 is nan, and the update would be nan
         raise TrainingDiverged(
             f"step {run.state.step + 1}: the gradient norm is {float(grad_norm)}, so the step was not taken; "
             + _divergence_hint(run.recipe)
         )
     run.optimizer.step()
-    if not all(bool(torch.isfinite(p).all()) for p in params):  # checked here, so no checkpoint is ever non-finite
+    if not _all_finite(params):  # checked here, so no checkpoint is ever non-finite
         raise TrainingDiverged(
             f"step {run.state.step + 1}: the adapter weights became non-finite after the update; "
             + _divergence_hint(run.recipe)
@@ -116,6 +117,15 @@ def _update(run: Run) -> float:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
+
+
+def _all_finite(params: list[torch.nn.Parameter]) -> bool:
+    """Every weight of every process finite (sharded, each process checks its slice and the counts are summed)."""
+    local = all(bool(torch.isfinite(sharding.local_part(p)).all()) for p in params)
+    if not sharding.is_sharded_parameter(params[0]):
+        return local
+    (bad,) = distributed.sum_over_ranks([0.0 if local else 1.0])
+    return bad == 0
 
 
 def train_step(run: Run, batches: list[list[int]] | None = None) -> dict:
@@ -150,7 +160,9 @@ def fit(run: Run, callbacks: list[Callback]) -> TrainResult:
     try:
         for callback in callbacks:
             callback.on_loop_start(run)
-        with distributed.peer_failures_as_user_error():  # DDP's all-reduce runs inside backward
+        # DDP's all-reduce runs inside backward; a sharded run stops on an interrupt between steps (_interrupted)
+        sharded = sharding.is_sharded(run.model)
+        with distributed.peer_failures_as_user_error(), interrupts.deferred() if sharded else contextlib.nullcontext():
             _steps(run, callbacks, result)
         for callback in callbacks:
             callback.on_loop_end(run, result)
@@ -180,13 +192,23 @@ def fit(run: Run, callbacks: list[Callback]) -> TrainResult:
 
 def _steps(run: Run, callbacks: list[Callback], result: TrainResult) -> None:
     while run.state.step < run.total_steps:
-        interrupts.raise_if_received()  # in case a library swallowed the KeyboardInterrupt
+        if _interrupted(run):
+            raise KeyboardInterrupt
         for callback in callbacks:
             callback.on_step_begin(run)
         record = train_step(run)
         for callback in callbacks:
             callback.on_step_end(run, record)
         result.records.append(record)
+
+
+def _interrupted(run: Run) -> bool:
+    """A signal arrived (and a library may have swallowed its KeyboardInterrupt). Sharded, where signals are
+    deferred, it is asked of every process, so all of them stop before the same step."""
+    if not sharding.is_sharded(run.model):
+        return interrupts.received() is not None
+    (count,) = distributed.sum_over_ranks([0.0 if interrupts.received() is None else 1.0])
+    return count > 0
 
 
 def train(

@@ -62,8 +62,12 @@ class Objective(Protocol):
     def tokens_per_example(self, examples) -> list[int]:
         """Tokens each example puts in a micro-batch: what --max-tokens-per-batch counts."""
 
-    def evaluate(self, model, examples, pad_token_id: int, batch_size: int, layout: str, ref_logps) -> dict:
-        """The objective's metrics of `model` over held-out `examples`, without gradients (keys without eval_)."""
+    def evaluate(
+        self, model, examples, pad_token_id: int, batch_size: int, layout: str, ref_logps, min_batches: int, filler
+    ) -> dict:
+        """The objective's metrics of `model` over held-out `examples`, without gradients (keys without eval_).
+        `min_batches`: a sharded run's processes must run as many forwards each, so after `examples` the example
+        `filler` is scored alone, not counted, until that many batches ran."""
 
 
 class _DpoMetrics:
@@ -104,9 +108,17 @@ class DpoObjective:
     def tokens_per_example(self, examples):
         return tokens_per_pair(examples)
 
-    def evaluate(self, model, examples, pad_token_id, batch_size, layout, ref_logps):
+    def evaluate(self, model, examples, pad_token_id, batch_size, layout, ref_logps, min_batches=0, filler=None):
         return evaluate_pairs(
-            model, examples, pad_token_id, self.recipe.dpo, batch_size, layout=layout, ref_logps=ref_logps
+            model,
+            examples,
+            pad_token_id,
+            self.recipe.dpo,
+            batch_size,
+            layout=layout,
+            ref_logps=ref_logps,
+            min_batches=min_batches,
+            filler=filler,
         )
 
 

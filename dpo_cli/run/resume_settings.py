@@ -41,11 +41,13 @@ CHANGEABLE = {
         "save_total_limit",
         "eval_steps",
         "eval_batch_size",
+        "sharding",
     ),
     "dpo": ("precompute_ref",),
 }
 """Settings a resumed run applies as stated: the learning-rate schedule (recomputed for the step reached), when to
-stop, save and evaluate, and whether the reference is precomputed (the same values, to float rounding)."""
+stop, save and evaluate, whether the reference is precomputed (the same values, to float rounding), and how the model
+is spread over the processes (a checkpoint holds the whole adapter and optimizer state, whatever the sharding)."""
 TRAIN_PAIRS = "train pairs"
 WORLD_SIZE = "world size"
 """Changeable too: the processes a run trains with (torchrun). The data position counts micro-batches of one

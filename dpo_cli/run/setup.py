@@ -41,7 +41,7 @@ from dpo_cli.model.load import (
 )
 from dpo_cli.model.reference_adapter import check_start_adapter, start_from_adapter
 from dpo_cli.output_folder import check_folder_is_ours, check_placeable, is_within
-from dpo_cli.run import distributed, interrupts
+from dpo_cli.run import distributed, interrupts, sharding
 from dpo_cli.run.checkpoint import (
     TrainerState,
     apply_schedule,
@@ -136,7 +136,7 @@ class Run:
     metrics_log: MetricsLog  # metrics.jsonl and the trackers; opened here because a resume truncates it
     resumed_from: Path | None = None
     eval_ref_logps: torch.Tensor | None = None  # (num_eval_pairs, 2), as train_ref_logps, for the eval steps
-    data_parallel: Any | None = None  # under torchrun: the DDP module `scoring.policy` runs (for its no_sync)
+    data_parallel: Any | None = None  # under torchrun: the DDP module `scoring.policy` runs, or the FSDP root
     objective: Objective | None = None  # what the steps train (run/objective.py); None: DPO
     example_weights: list[int] | None = None  # each train example's weight in a step's mean loss; None: one each
 
@@ -269,8 +269,11 @@ def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console)
 
 
 def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: Console, asked_layout: str):
+    shardable = recipe.training.sharding == "fsdp"
     model = add_lora(
-        load_base_model(recipe.model, device, trust_remote_code), recipe.lora, recipe.model.gradient_checkpointing
+        load_base_model(recipe.model, device, trust_remote_code, shardable),
+        recipe.lora,
+        recipe.model.gradient_checkpointing,
     )
     if recipe.model.from_adapter:  # the policy starts as that adapter, which (frozen) is also the reference
         start_from_adapter(model, Path(recipe.model.from_adapter), recipe.model.path)
@@ -312,6 +315,7 @@ def build_run(
     console = console or Console()
     device = run_device(recipe)
     distributed.start(device)  # first: every later refusal then ends a rank its peers see fail at once
+    sharding.check_sharding(recipe.training.sharding, recipe.model.quantize)
     if recipe.model.trust_remote_code and not trust_remote_code:
         console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")
     recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted
@@ -352,6 +356,9 @@ def build_run(
                 visits_every_pair,
                 console,
             )
+    sharded = None
+    if recipe.training.sharding == "fsdp":  # after the reference pass (whole model, no collectives), before AdamW
+        sharded = sharding.shard(model, device)
     optimizer, scheduler, multiplier = _optimizer_and_schedule(recipe, model, total)
     state = TrainerState(
         step=0,
@@ -371,7 +378,9 @@ def build_run(
     elif resume:  # a run that died before its first checkpoint: its metric lines would repeat steps
         with disk_full_as_user_error(f"{run.metrics_log.path}", RESUME_HINT):
             run.metrics_log.truncate_after(0)
-    if distributed.is_distributed():
+    if sharded is not None:
+        run.data_parallel = sharded
+    elif distributed.is_distributed():
         run.data_parallel = distributed.wrap_policy(model, partial(direct_logps, run.scoring), device)
         run.scoring = replace(run.scoring, policy=run.data_parallel)
     n_params = sum(p.numel() for p in trainable_parameters(model))

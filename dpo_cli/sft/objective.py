@@ -78,7 +78,7 @@ class SftObjective:
     def tokens_per_example(self, examples):
         return [prompt + completion for prompt, completion in arrow_lengths(examples, ("prompt_ids", "chosen_ids"))]
 
-    def evaluate(self, model, examples, pad_token_id, batch_size, layout, ref_logps=None):
+    def evaluate(self, model, examples, pad_token_id, batch_size, layout, ref_logps=None, min_batches=0, filler=None):
         """eval loss (the mean NLL of every trained token), perplexity, token accuracy, tokens and examples."""
         scoring = scoring_model(model)
         device = next(model.parameters()).device
@@ -92,6 +92,8 @@ class SftObjective:
         try:
             for _, _, scores in _sft_batches(self, examples, pad_token_id, layout, batch_size, device, score):
                 metrics.add(scores)
+            for _ in range(min_batches - math.ceil(len(examples) / batch_size)):  # sharded: as many forwards as all
+                next(_sft_batches(self, [filler], pad_token_id, layout, 1, device, score))
         finally:
             model.train(was_training)
         nll, correct, tokens = metrics.totals()

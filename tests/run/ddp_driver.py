@@ -22,16 +22,17 @@ from pathlib import Path
 
 from dpo_cli.errors import UserError
 from dpo_cli.model.load import trainable_parameters
-from dpo_cli.run import distributed, loop, objective
+from dpo_cli.run import distributed, loop, objective, sharding
 from dpo_cli.run.callbacks import Callback
 
 BAD_RECORD = "train.jsonl:7: bad record (injected by the test on one rank)"
 
 
 def adapter_hash(model) -> str:
+    """Of the whole adapter (under --sharding fsdp every rank gathers it: a collective)."""
     digest = hashlib.sha256()
     for param in trainable_parameters(model):
-        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(sharding.full_tensor(param.detach()).cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
