@@ -35,10 +35,15 @@ MIN_BITSANDBYTES = (0, 43, 0)
 """The first bitsandbytes whose 4-bit weights can be stored in a float dtype (`bnb_4bit_quant_storage`)."""
 
 
-def check_sharding(sharding: str, quantize: bool) -> None:
+def check_sharding(sharding: str, quantize: bool, from_adapter: str | None = None) -> None:
     """Refuses `--sharding fsdp` where it cannot work, in one line, before any model is loaded."""
     if sharding != "fsdp":
         return
+    if from_adapter:  # its reference pass switches PEFT adapters, which flips requires_grad on sharded parameters
+        raise UserError(
+            "--sharding fsdp with --from-adapter: not supported yet (the frozen reference adapter has not been "
+            "tested sharded); use --sharding ddp, or run without --from-adapter"
+        )
     if not distributed.is_distributed():
         raise UserError(
             "--sharding fsdp: shards the model over the processes of a launcher, and this is one process (no "

@@ -230,6 +230,16 @@ def test_fsdp_without_a_launcher_is_refused_in_one_line(stories_model, stories_d
     assert "Traceback" not in stderr and not out.exists(), "nothing written"
 
 
+def test_fsdp_with_a_start_adapter_is_refused_before_any_model_loads(monkeypatch):
+    from dpo_cli.run import distributed
+    from dpo_cli.run.sharding import check_sharding
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    with pytest.raises(UserError, match="--sharding fsdp with --from-adapter: not supported yet.*--sharding ddp"):
+        check_sharding("fsdp", True, "sft-run")
+    check_sharding("ddp", True, "sft-run")
+
+
 def test_a_model_without_decoder_layers_cannot_be_sharded():
     from dpo_cli.run.sharding import decoder_layers
 
