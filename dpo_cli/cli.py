@@ -190,6 +190,7 @@ def eval_(
     report = run_eval(options, console)
     result, metrics = report.result, report.result["metrics"]
     settings = f"loss_type {'+'.join(result['dpo']['loss_type'])}, beta {result['dpo']['beta']}"
+    settings += f", reference {result['reference']}"
     console.print(f"{result['adapter']} on {metrics['num_pairs']} pairs ({settings})", markup=False)
     console.print(metrics_table(metrics))
     for line in report.written:

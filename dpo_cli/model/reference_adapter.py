@@ -68,11 +68,9 @@ def check_start_adapter(adapter_dir: Path, lora: LoraSection, base_path: str) ->
     _refuse_unsupported_kind(where, config)
     _refuse_other_lora_shape(where, config, lora)
     _refuse_other_base(where, config, base_path)
-    shapes = adapter_shapes(adapter_dir)
-    if not shapes:
+    if not adapter_shapes(adapter_dir):
         raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: holds no LoRA weights; the adapter folder is damaged")
-    ranks = {module: _file_rank(adapter_dir, module) for module in shapes}
-    other = {module: rank for module, rank in ranks.items() if rank != lora.r}
+    other = {module: rank for module, rank in _file_ranks(adapter_dir).items() if rank != lora.r}
     if other:
         module, rank = next(iter(other.items()))
         raise UserError(f"{where}: {module} has rank {rank} in the adapter, the recipe's lora.r is {lora.r}; {_FIX}")
@@ -130,14 +128,17 @@ def _refuse_other_base(where: str, config: dict, base_path: str) -> None:
     )
 
 
-def _file_rank(adapter_dir: Path, module: str) -> int:
+def _file_ranks(adapter_dir: Path) -> dict[str, int]:
+    """{module: rank} from the header of the weight file (lora_A is (r, in_features))."""
     from safetensors import safe_open
 
+    suffix = ".lora_A.weight"
     with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), framework="pt") as weights:
-        for key in weights.keys():
-            if key.endswith(f"{module}.lora_A.weight"):
-                return weights.get_slice(key).get_shape()[0]
-    return 0
+        return {
+            key.removesuffix(suffix): weights.get_slice(key).get_shape()[0]
+            for key in weights.keys()
+            if key.endswith(suffix)
+        }
 
 
 def adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -208,7 +208,7 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
         )
     result = {
         "adapter": str(adapter.path),
-        "reference": str(reference_copy_of(adapter.path)) if recipe.model.from_adapter else "the base",
+        "reference": f"base + {reference_copy_of(adapter.path)}" if recipe.model.from_adapter else "the base",
         "model": adapter.base_path,
         "data": paths,
         "max_length": max_length,

@@ -251,8 +251,9 @@ def _poisoned(tensors):
         ({"base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}, None, (), "adapter is for another base (Qwen/Qwen2.5-0.5B)"),
         (None, _poisoned, (), "holds inf or nan"),
         ({"target_modules": ["q_proj"]}, _only_q_proj, (), "lora.target_modules"),
+        (None, None, ("--set", "lora.target_modules=[q_proj]"), "does not fit the recipe's lora section (unexpected"),
     ],
-    ids=["rank", "dora", "modules-to-save", "base-name", "non-finite", "fewer-modules"],
+    ids=["rank", "dora", "modules-to-save", "base-name", "non-finite", "fewer-modules", "more-modules"],
 )
 def test_an_adapter_that_cannot_start_the_run_is_one_line_and_nothing_is_written(
     stories_model, few_pairs, adapter_variant, tmp_path, capsys, config_changes, weights, extra, message
@@ -344,7 +345,7 @@ def test_eval_of_a_moved_run_scores_against_its_reference_adapter(
         capsys, "eval", "--adapter", moved, "--data", test, "--per-example", per_pair, "--output", tmp_path / "m.json"
     )
     assert code == 0, stderr
-    assert json.loads((tmp_path / "m.json").read_text())["reference"] == str(moved / "reference-adapter")
+    assert json.loads((tmp_path / "m.json").read_text())["reference"] == f"base + {moved / 'reference-adapter'}"
     rows = [json.loads(line) for line in per_pair.read_text().splitlines()]
 
     tokenizer = load_tokenizer(str(stories_model))
@@ -382,3 +383,24 @@ def test_eval_of_a_moved_run_scores_against_its_reference_adapter(
     ids = torch.tensor([pairs[0].prompt_ids + pairs[0].chosen_ids])
     plain = logits_on(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids)
     torch.testing.assert_close(plain, logits_on(policy, ids), atol=1e-4, rtol=0)
+
+
+def test_the_output_folder_may_not_be_or_hold_the_adapter(stories_model, few_pairs, sft_adapter, tmp_path, capsys):
+    from shutil import copytree
+
+    adapter = copytree(sft_adapter, tmp_path / "runs" / "sft")
+    for out in (adapter, tmp_path / "runs", adapter / "inside"):
+        code, _, stderr = run_cli_inprocess(capsys, *_args(stories_model, few_pairs, out, adapter))
+        assert code == 2 and "is or holds --from-adapter" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.name for p in adapter.iterdir()) == sorted(p.name for p in sft_adapter.iterdir())
+
+
+def test_eval_of_a_run_without_its_reference_copy_is_one_line(stories_model, few_pairs, sft_adapter, tmp_path, capsys):
+    """Never silently the bare base: a run folder that says it started from an adapter needs its copy."""
+    from shutil import copytree
+
+    run = copytree(sft_adapter, tmp_path / "run")
+    recipe = recipe_from_dict({"model": {"path": str(stories_model), "from_adapter": "/gone/sft"}})
+    recipe.save(run / "recipe.yaml")
+    code, _, stderr = run_cli_inprocess(capsys, "eval", "--adapter", run, "--data", few_pairs)
+    assert code == 2 and "no reference-adapter/ folder" in stderr and len(stderr.strip().splitlines()) == 1, stderr
