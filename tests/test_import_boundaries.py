@@ -70,7 +70,11 @@ def test_no_function_level_import_hides_a_dependency(path):
 
 @pytest.mark.parametrize(
     ("leaf", "may_load"),
-    [("dpo_cli.dpo.loss_specs", set()), ("dpo_cli.data.formats", {"dpo_cli.errors"})],
+    [
+        ("dpo_cli.dpo.loss_specs", set()),
+        ("dpo_cli.data.formats", {"dpo_cli.errors"}),
+        ("dpo_cli.data.sft_formats", {"dpo_cli.errors", "dpo_cli.data.formats"}),
+    ],
 )
 def test_the_rule_tables_config_reads_are_leaves(leaf, may_load):
     """config imports these at its top, so they must not import config (a cycle) or anything heavy."""

@@ -222,8 +222,8 @@ def test_only_the_main_process_writes_and_speaks(two_process_runs):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     assert not [p.name for p in out.rglob("*.tmp")], "no temporary left behind"
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
-    # Four commands ran, each on two processes: each line once per command, from the main process.
-    assert output.count("trainable LoRA parameters") == 4 and output.count("done: 3 steps") == 1
+    # Five commands ran, each on two processes: each line once per command, from the main process.
+    assert output.count("trainable LoRA parameters") == 5 and output.count("done: 3 steps") == 2  # ddp and sft
     assert output.count("global batch: 2 pairs x grad_accum 2 x 2 processes = 8 pairs per optimizer step") == 3
     assert "global batch: up to 400 tokens x grad_accum 1 x 2 processes per optimizer step" in output
     state = json.loads((out / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
