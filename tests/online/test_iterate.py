@@ -10,21 +10,9 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli_inprocess, run_cli_subprocess
+from tests.online.test_sample import REWARD_PY  # the same reward, which can kill its process at the N-th call
 
 # Counts its calls (one per prompt, in sampling and in eval); with KILL_AT set, SIGKILLs its process at that call.
-REWARD_PY = """
-import os, signal
-from dpo_cli.demo.tiny import happy_score
-
-def score(prompts, completions, **columns):
-    calls = os.environ.get("CALLS_FILE")
-    if calls:
-        with open(calls, "a") as handle:
-            handle.write("x")
-        if os.path.getsize(calls) == int(os.environ.get("KILL_AT", "0")):
-            os.kill(os.getpid(), signal.SIGKILL)
-    return [float(happy_score(c) + 0.01 * len(c)) for c in completions]
-"""
 
 
 @pytest.fixture
