@@ -8,8 +8,11 @@ launch each (the job ends).
 Tolerance: a 2-process run is compared with a 1-process run of the same global batch (batch 2 x grad_accum 2 x 2
 processes against batch 2 x grad_accum 4). Each process's gradient is its pairs' loss sum scaled by
 world_size / pairs_in_step, and gloo averages the two, so the sums are taken in another order than in one process:
-losses and adapter weights agree to 1e-5 (on this machine they came out bitwise equal). The two ranks' adapters are
-compared exactly: after the all-reduce both hold the same gradient and take the same optimizer step.
+losses agree to 1e-5 (once bitwise equal; since 2026-12-03 runs on this VM, the base commit's too, differ by about
+1e-7 relative, e.g. logps/chosen -100.25155830 against -100.25154781). The adapters are compared to 1e-4: AdamW
+divides each update by the root of its second moment, so a rounding difference in a near-zero gradient element can
+move that element by up to the learning rate (2e-3 here); 1.02e-5 was seen on one of 1,024 elements. The two ranks'
+adapters are compared exactly: after the all-reduce both hold the same gradient and take the same optimizer step.
 
 Every run here keeps the default gradient checkpointing (non-reentrant) on, so it is checked under DDP too, with
 `no_sync` on the first of each rank's two micro-batches. Measured on a 2-core machine: a launch takes 11-15 s, and a
@@ -36,6 +39,7 @@ from tests.run.ddp_driver import BAD_RECORD
 
 DRIVER = REPO / "tests" / "run" / "ddp_driver.py"
 TOLERANCE = 1e-5
+ADAPTER_TOLERANCE = 1e-4  # see the module docstring: AdamW's normalised update amplifies rounding
 PROCESSES = 2
 
 
@@ -164,7 +168,7 @@ def test_two_processes_train_exactly_as_one_with_the_same_global_batch(two_proce
     )
     assert adapter.keys() == expected.keys()
     for key, value in adapter.items():
-        torch.testing.assert_close(value, expected[key], atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(value, expected[key], atol=ADAPTER_TOLERANCE, rtol=0)
 
 
 def test_sft_on_two_processes_trains_and_evaluates_exactly_as_one(two_process_runs):
