@@ -230,20 +230,43 @@ def _first_line(error: BaseException) -> str:
     return (lines[-1] if lines else error.__class__.__name__)[:200]
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
-    """Restore the adapter weights, optimizer, scheduler and RNG states of checkpoint folder `path`."""
+@dataclass
+class SavedCheckpoint:
+    """A checkpoint folder's files, read and checked, not yet put into a model (`read_checkpoint`)."""
+
+    path: Path
+    state: TrainerState
+    adapter: dict
+    optimizer_state: dict
+    scheduler_state: dict
+    rng: dict
+
+
+def read_checkpoint(path: Path) -> SavedCheckpoint:
+    """Every file of checkpoint folder `path`, read and checked before any model loads: a damaged one is one line in
+    seconds, not after the base has loaded (the files are small: the LoRA weights and their optimizer moments)."""
     path = Path(path)
     state = read_state(path)  # refuses links first
     adapter = _load_adapter(path / ADAPTER_FILE)
     check_adapter_weights(path, f"delete {path} to resume from the previous checkpoint, or start a new run")
-    optimizer_state = _load_tensors_file(path / "optimizer.pt")
-    scheduler_state = _load_tensors_file(path / "scheduler.pt")
-    rng = _load_tensors_file(path / "rng.pt")
-    _restore_adapter(model, adapter, path / ADAPTER_FILE)
+    return SavedCheckpoint(
+        path,
+        state,
+        adapter,
+        _load_tensors_file(path / "optimizer.pt"),
+        _load_tensors_file(path / "scheduler.pt"),
+        _load_tensors_file(path / "rng.pt"),
+    )
+
+
+def restore_checkpoint(saved: SavedCheckpoint, model, optimizer, scheduler) -> TrainerState:
+    """Restore the adapter weights, optimizer, scheduler and RNG states `read_checkpoint` read."""
+    path, optimizer_state = saved.path, saved.optimizer_state
+    _restore_adapter(model, saved.adapter, path / ADAPTER_FILE)
     for file, restore in (
         ("optimizer.pt", lambda: _restore_optimizer(model, optimizer, optimizer_state)),
-        ("scheduler.pt", lambda: scheduler.load_state_dict(scheduler_state)),
-        ("rng.pt", lambda: _set_rng_states(rng)),
+        ("scheduler.pt", lambda: scheduler.load_state_dict(saved.scheduler_state)),
+        ("rng.pt", lambda: _set_rng_states(saved.rng)),
     ):
         try:
             restore()
@@ -255,7 +278,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainerState:
     )
     if problem:
         raise _unreadable(path / "optimizer.pt", problem)
-    return state
+    return saved.state
 
 
 def _optimizer_state_problem(optimizer) -> str | None:

@@ -43,12 +43,13 @@ from dpo_cli.model.reference_adapter import check_start_adapter, start_from_adap
 from dpo_cli.output_folder import check_folder_is_ours, check_placeable, is_within
 from dpo_cli.run import distributed, interrupts, sharding
 from dpo_cli.run.checkpoint import (
+    SavedCheckpoint,
     TrainerState,
     apply_schedule,
     latest_checkpoint,
-    load_checkpoint,
-    read_state,
+    read_checkpoint,
     remove_stale_checkpoint_temporaries,
+    restore_checkpoint,
 )
 from dpo_cli.run.data_report import load_split
 from dpo_cli.run.distributed import is_main_process
@@ -237,24 +238,24 @@ def _optimizer_and_schedule(recipe: Recipe, model, total: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier), multiplier
 
 
-def _resume_state(run: Run, checkpoint: Path, multiplier, console: Console) -> None:
-    """Loads `checkpoint` into the run: adapter, optimizer, schedule, position; the metrics log is cut back to it."""
-    saved = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler)
+def _resume_state(run: Run, checkpoint: SavedCheckpoint, multiplier, console: Console) -> None:
+    """Puts `checkpoint` into the run: adapter, optimizer, schedule, position; the metrics log is cut back to it."""
+    saved = restore_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler)
     training = run.recipe.training
     apply_schedule(run.optimizer, run.scheduler, training.lr, training.weight_decay, multiplier)
     run.state.step, run.state.micro_batches_done = saved.step, saved.micro_batches_done
     run.state.num_tokens = saved.num_tokens
     with disk_full_as_user_error(f"{run.metrics_log.path}", RESUME_HINT):
         run.metrics_log.truncate_after(run.state.step)
-    console.print(f"resuming from {checkpoint} (step {run.state.step})")
+    console.print(f"resuming from {checkpoint.path} (step {run.state.step})")
     changes = changed_settings(saved.changeable_settings, run.state.changeable_settings)
     if changes:
         console.print(f"resuming with changed settings, applied from step {saved.step + 1}: " + ", ".join(changes))
 
 
 def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console):
-    """(checkpoint to resume or None, its saved state or None, the run's fixed settings, trackers): every refusal
-    that needs no model."""
+    """(checkpoint to resume, read and checked, or None; its saved state or None; the run's fixed settings;
+    trackers): every refusal that needs no model."""
     output_dir = Path(recipe.training.output_dir)
     checkpoint = _checkpoint_to_resume(output_dir, resume)
     trackers = Trackers(output_dir, recipe.report, recipe.to_dict())  # a missing package fails here
@@ -262,10 +263,11 @@ def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console)
         console.print(f"no checkpoint in {output_dir}; starting from the beginning")
     _remove_stale_temporaries(output_dir)
     settings = fixed_settings(recipe)
-    saved = None if checkpoint is None else read_state(checkpoint)
-    if saved is not None:  # before any model is loaded: a changed setting fails in seconds
-        refuse_changed_fixed_settings(checkpoint, saved.fixed_settings, settings)
-    return checkpoint, saved, settings, trackers
+    if checkpoint is None:
+        return None, None, settings, trackers
+    files = read_checkpoint(checkpoint)  # before any model loads: a damaged file or changed setting fails in seconds
+    refuse_changed_fixed_settings(checkpoint, files.state.fixed_settings, settings)
+    return files, files.state, settings, trackers
 
 
 def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: Console, asked_layout: str):
@@ -322,7 +324,7 @@ def build_run(
     output_dir = Path(recipe.training.output_dir)
     if recipe.model.from_adapter:  # before the resume check hashes it, and before any model loads
         check_start_adapter(Path(recipe.model.from_adapter), recipe.lora, recipe.model.path)
-    checkpoint, saved, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
+    resumed, saved, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
     objective = objective_for(recipe)
     asked_layout = _layout_asked(recipe, objective)
     _set_seed(recipe.training.seed)
@@ -332,7 +334,7 @@ def build_run(
         train_pairs, summary, eval_pairs, eval_summary = loaded
     settings[TRAIN_PAIRS] = len(train_pairs)
     if saved is not None:  # the same files can still give other pairs (a changed tokenizer)
-        refuse_changed_fixed_settings(checkpoint, saved.fixed_settings, {TRAIN_PAIRS: settings[TRAIN_PAIRS]})
+        refuse_changed_fixed_settings(resumed.path, saved.fixed_settings, {TRAIN_PAIRS: settings[TRAIN_PAIRS]})
     model, layout = _model_and_layout(recipe, device, trust_remote_code, console, asked_layout)
     training = recipe.training
     budget = training.max_tokens_per_batch
@@ -370,11 +372,12 @@ def build_run(
     run = Run(
         recipe, output_dir, device, tokenizer, train_pairs, summary, eval_pairs, model, scoring_model(model), layout,
         ref_logps,
-        optimizer, scheduler, stream, total, state, MetricsLog(output_dir / METRICS_FILE, trackers), checkpoint,
+        optimizer, scheduler, stream, total, state, MetricsLog(output_dir / METRICS_FILE, trackers),
+        None if resumed is None else resumed.path,
         eval_ref_logps, objective=objective, example_weights=objective.example_weights(train_pairs),
     )  # fmt: skip
-    if checkpoint is not None:
-        _resume_state(run, checkpoint, multiplier, console)
+    if resumed is not None:
+        _resume_state(run, resumed, multiplier, console)
     elif resume:  # a run that died before its first checkpoint: its metric lines would repeat steps
         with disk_full_as_user_error(f"{run.metrics_log.path}", RESUME_HINT):
             run.metrics_log.truncate_after(0)

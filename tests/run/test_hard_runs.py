@@ -153,8 +153,12 @@ def _all_files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("name", CHECKPOINT_FILES)
 @pytest.mark.parametrize("damage", [_garbage, _empty, _truncated, _passwd_link], ids=lambda f: f.__name__[1:])
 def test_a_checkpoint_file_that_is_not_ours_is_one_line_and_nothing_is_written(
-    run_copy, untrained_tiny, capsys, name, damage
+    run_copy, untrained_tiny, capsys, monkeypatch, name, damage
 ):
+    """Refused before the base model loads: a damaged file costs seconds, not the minutes a large base takes."""
+    from dpo_cli.run import setup as setup_module
+
+    monkeypatch.setattr(setup_module, "load_base_model", _must_not_load)
     damage(run_copy / "checkpoints" / STEP_DIR / name)
     before = _all_files(run_copy)
     code, _, stderr = run_cli_inprocess(capsys, *_resume_args(untrained_tiny, run_copy))
@@ -229,20 +233,25 @@ def _state_of_other_types(folder: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("damage", "message"),
+    ("damage", "message", "before_the_model"),
     [
-        (lambda f: _rewrite_adapter(f, _nan_weight), "not finite"),
-        (lambda f: _rewrite_adapter(f, _other_shape), "has lora_A of rank 3 but lora_B of rank 16"),
-        (lambda f: _rewrite_adapter(f, _missing_weight), "has a lora_A matrix missing"),
-        (_nan_moment, "optimizer.pt: checkpoint file is unreadable (its exp_avg holds NaN"),
-        (_moment_of_other_shape, "optimizer.pt: checkpoint file is unreadable (its exp_avg has shape (2, 2)"),
-        (_state_of_other_types, "trainer_state.json: checkpoint file is unreadable (step is 'two', not a count"),
+        (lambda f: _rewrite_adapter(f, _nan_weight), "not finite", True),
+        (lambda f: _rewrite_adapter(f, _other_shape), "has lora_A of rank 3 but lora_B of rank 16", True),
+        (lambda f: _rewrite_adapter(f, _missing_weight), "has a lora_A matrix missing", True),
+        # The moments are checked against their weights' shapes, which only the model has.
+        (_nan_moment, "optimizer.pt: checkpoint file is unreadable (its exp_avg holds NaN", False),
+        (_moment_of_other_shape, "optimizer.pt: checkpoint file is unreadable (its exp_avg has shape (2, 2)", False),
+        (_state_of_other_types, "trainer_state.json: checkpoint file is unreadable (step is 'two', not a count", True),
     ],
     ids=["nan-adapter", "adapter-shape", "adapter-missing", "nan-moment", "moment-shape", "state-types"],
 )
 def test_well_formed_checkpoint_files_with_wrong_contents_are_one_line(
-    run_copy, untrained_tiny, capsys, damage, message
+    run_copy, untrained_tiny, capsys, monkeypatch, damage, message, before_the_model
 ):
+    from dpo_cli.run import setup as setup_module
+
+    if before_the_model:
+        monkeypatch.setattr(setup_module, "load_base_model", _must_not_load)
     damage(run_copy / "checkpoints" / STEP_DIR)
     code, _, stderr = run_cli_inprocess(capsys, *_resume_args(untrained_tiny, run_copy))
     assert code == 2
