@@ -338,8 +338,10 @@ def test_resume_applies_a_new_learning_rate_and_says_so(run_copy, untrained_tiny
     assert groups[0]["lr"] == pytest.approx(1e-2 * lr_lambda(4, 4, 0, "cosine"), abs=1e-15)
 
 
-def test_resume_takes_a_changed_precompute_ref_and_says_so(run_copy, untrained_tiny, capsys):
+def test_resume_takes_a_changed_precompute_ref_and_says_so(run_copy, untrained_tiny, capsys, tmp_path, monkeypatch):
     """precompute_ref changes when the reference is scored, not its values (to rounding): a resume may change it."""
+    # A cache of its own: another test's run of the same pairs would leave them cached, and they would be read.
+    monkeypatch.setenv("DPO_CLI_CACHE", str(tmp_path / "cache"))
     args = _resume_args(untrained_tiny, run_copy, 3, "--set", "dpo.precompute_ref=true")
     code, stdout, stderr = run_cli_inprocess(capsys, *args)
     assert code == 0, stderr
