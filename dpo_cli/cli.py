@@ -55,6 +55,8 @@ def _train_command(objective: str, recipe: Path | None, resume: bool, trust_remo
             "model.from_adapter: sft starts from the base model; --from-adapter is for `dpo-cli train`, which starts "
             "DPO from an sft adapter"
         )
+    if objective == "sft" and resolved.model.reference_adapter:
+        raise UserError("model.reference_adapter: sft has no reference policy; the key is for `dpo-cli train`")
     command = shlex.join(["dpo-cli", *sys.argv[1:]])
     result = run_training(
         resolved, resume=resume, console=console, trust_remote_code=trust_remote_code, command=command
@@ -92,7 +94,7 @@ def train(
     _train_command("dpo", recipe, resume, trust_remote_code, overrides)
 
 
-SFT_LEAVES_OUT = ("model.from_adapter",)
+SFT_LEAVES_OUT = ("model.from_adapter", "model.reference_adapter")
 """Train-only keys sft does not take: an SFT run starts from the base (its adapter is what DPO starts from)."""
 
 
@@ -291,6 +293,9 @@ def iterate(
     output_dir: Path = typer.Option(..., "--output-dir", help="Folder for round-NN/ folders, state and report.png."),
     eval_prompts: list[Path] = typer.Option([], "--eval-prompts", help="Held-out prompts for reward, win rate, KL."),
     prompts_per_round: int = typer.Option(0, "--prompts-per-round", help="0: all prompts each round; N: a slice."),
+    reference: str = typer.Option(
+        "previous", "--reference", help="previous: each round refers to the last round's policy; initial: to round 1's."
+    ),
     num_samples: int = typer.Option(4, "--num-samples", help="Completions per prompt."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit of every sample."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature of the rounds' samples."),
@@ -308,14 +313,15 @@ def iterate(
     overrides: dict,
 ):
     """Iterative DPO: each round samples the current policy, pairs best against worst by --reward, trains from the
-    previous round's adapter (its reference), and evaluates on --eval-prompts. Resumable with --resume."""
+    previous round's adapter (the reference: that adapter, or with --reference initial round 1's starting policy),
+    and evaluates on --eval-prompts. Resumable with --resume."""
     from dpo_cli.online.iterate import IterateOptions, run_iterate
     from dpo_cli.run.distributed import refuse_several_processes
 
     refuse_several_processes("iterate")
     options = IterateOptions(
         recipe=recipe, prompts=prompts, rewards=reward, output_dir=output_dir, rounds=rounds, overrides=overrides,
-        eval_prompts=eval_prompts, prompts_per_round=prompts_per_round, num_samples=num_samples,
+        eval_prompts=eval_prompts, prompts_per_round=prompts_per_round, reference=reference, num_samples=num_samples,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         sample_batch_size=sample_batch_size, pairing=pairing, min_margin=min_margin,
         missing_eos_penalty=missing_eos_penalty, reward_weights=reward_weights, reward_quantize=reward_4bit,

@@ -4,8 +4,11 @@
 
 Round r samples from the current policy (the base, or the recipe's model.from_adapter, in round 1; round r-1's
 adapter after), on its slice of the prompts (`--prompts-per-round`) or all of them; pairs the samples; trains with
-`train --from-adapter` the previous round's adapter, whose frozen copy is the reference (RLHFlow's choice); then
-samples the new policy and the base on the held-out prompts for reward, win rate and sampled KL against the base.
+`train --from-adapter` the previous round's adapter; then samples the new policy and the base on the held-out prompts
+for reward, win rate and sampled KL against the base. The reference of round r's training (`--reference`):
+- `previous` (RLHFlow): the policy round r starts from, i.e. a frozen copy of round r-1's adapter;
+- `initial` (OpenRLHF): round 1's starting policy in every round, i.e. the recipe's model.from_adapter if it has one,
+  else the bare base (model.reference_adapter: base), so nothing lets the rounds drift from it unpenalised.
 
 It calls the functions `sample`, `train` and `eval` call. DIR/round-NN/ holds the round's prompts.jsonl, samples/
 (a `dpo-cli sample` folder) and run/ (a `dpo-cli train` folder). DIR/iterate-state.json, written atomically after
@@ -24,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dpo_cli.config import merge_overrides, read_recipe_file, recipe_from_dict
+from dpo_cli.config import REFERENCE_IS_BASE, merge_overrides, read_recipe_file, recipe_from_dict
 from dpo_cli.data.records import json_line
 from dpo_cli.errors import UserError, shown
 from dpo_cli.files import write_bytes_atomic, write_text_atomic
@@ -40,6 +43,10 @@ STATE = "iterate-state.json"
 REPORT = "report.png"
 KIND = "iterate"
 PHASES = ("sample", "train", "eval", "done")
+PREVIOUS, INITIAL = "previous", "initial"
+REFERENCES = (PREVIOUS, INITIAL)
+SETTINGS_BEFORE = {"reference": PREVIOUS}
+"""Settings a state file written before they existed holds implicitly: what those runs did."""
 
 
 @dataclasses.dataclass
@@ -52,6 +59,8 @@ class IterateOptions:
     overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
     eval_prompts: list[Path] = dataclasses.field(default_factory=list)
     prompts_per_round: int = 0
+    reference: str = "previous"
+    """previous: round r refers to round r-1's policy; initial: every round refers to round 1's starting policy."""
     """0: every round samples all the prompts; N: round r takes the r-th slice of N (wrapping around)."""
     num_samples: int = 4
     max_new_tokens: int = 64
@@ -121,6 +130,14 @@ class Iteration:
             return Path(start) if start else None
         return self.round_dir(number - 1) / "run"
 
+    def reference_adapter(self, number: int) -> str:
+        """model.reference_adapter of round `number`'s training: "" (the adapter it starts from) for `previous`
+        and in round 1; for `initial`, round 1's starting adapter, or the bare base."""
+        if self.options.reference == PREVIOUS or number == 1:
+            return ""
+        start = self.policy_adapter(1)
+        return str(start) if start else REFERENCE_IS_BASE
+
     def sample(self, number: int, prompts: list[Prompt]) -> None:
         folder = self.round_dir(number)
         prompt_file = folder / "prompts.jsonl"
@@ -161,7 +178,7 @@ class Iteration:
             {
                 "data": {"train": [str(self.round_dir(number) / "samples" / PAIRS)], "eval": [], "eval_split": 0.0},
                 "training": {"output_dir": str(run_dir)},
-                "model": {"from_adapter": str(start) if start else ""},
+                "model": {"from_adapter": str(start or ""), "reference_adapter": self.reference_adapter(number)},
             },
         )
         resume = run_dir.is_dir() and any(run_dir.iterdir())
@@ -181,6 +198,8 @@ class Iteration:
 def run_iterate(options: IterateOptions, console: Console) -> dict:
     if options.rounds <= 0:
         raise UserError(f"--rounds {options.rounds}: must be at least 1")
+    if options.reference not in REFERENCES:
+        raise UserError(f"--reference {shown(options.reference)}: must be one of {', '.join(REFERENCES)}")
     if options.prompts_per_round < 0:
         raise UserError(f"--prompts-per-round {options.prompts_per_round}: must be 0 (all) or a number of prompts")
     values = recipe_values(options)
@@ -232,7 +251,7 @@ def _start_state(folder: Path, options: IterateOptions) -> dict:
         raise UserError(f"{path}: unreadable; the folder is damaged, pick another --output-dir") from None
     saved, now = state.get("settings", {}), options.settings()
     for key, value in now.items():
-        if key != "rounds" and saved.get(key) != value:
+        if key != "rounds" and saved.get(key, SETTINGS_BEFORE.get(key)) != value:
             raise UserError(
                 f"--resume: {key} was {saved.get(key)!r} in {folder}, and this run asks for {value!r}; resume with "
                 "the same settings (only --rounds may change)"
