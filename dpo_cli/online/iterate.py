@@ -36,6 +36,7 @@ from dpo_cli.online.policy_eval import evaluate_samples, sample_metrics
 from dpo_cli.online.prompts import Prompt, read_prompts
 from dpo_cli.online.rewards import RewardSet, load_rewards
 from dpo_cli.online.sample import PAIRS, SUMMARY, SampleOptions, run_sample
+from dpo_cli.online.sampling_options import SamplingOptions
 from dpo_cli.output_folder import check_folder_is_ours, claimed_folder
 from dpo_cli.run.loop import train
 
@@ -62,17 +63,8 @@ class IterateOptions:
     reference: str = "previous"
     """previous: round r refers to round r-1's policy; initial: every round refers to round 1's starting policy."""
     """0: every round samples all the prompts; N: round r takes the r-th slice of N (wrapping around)."""
-    num_samples: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    sample_batch_size: int = 32
-    pairing: str = "max-min"
-    min_margin: float = 0.0
-    missing_eos_penalty: float = 0.0
-    reward_weights: list[float] = dataclasses.field(default_factory=list)
-    reward_quantize: bool = False
+    sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
+    """Each round's sampling and pairing, as `dpo-cli sample` takes them (its batch_size is --sample-batch-size)."""
     trust_remote_code: bool = False
     resume: bool = False
     command: str | None = None
@@ -82,7 +74,9 @@ class IterateOptions:
         fields = dataclasses.asdict(self)
         for name in ("resume", "command", "output_dir", "trust_remote_code"):
             fields.pop(name)
-        return json.loads(json.dumps(fields, default=str))
+        sampling = fields.pop("sampling")
+        sampling["sample_batch_size"] = sampling.pop("batch_size")  # the names state files have always used
+        return json.loads(json.dumps({**fields, **sampling}, default=str))
 
 
 def recipe_values(options: IterateOptions) -> dict:
@@ -147,12 +141,10 @@ class Iteration:
         report = run_sample(
             SampleOptions(
                 prompts=[prompt_file], rewards=options.rewards, output_dir=folder / "samples",
-                num_samples=options.num_samples, adapter=self.policy_adapter(number),
+                sampling=dataclasses.replace(options.sampling, seed=options.sampling.seed + number),
+                adapter=self.policy_adapter(number),
                 overrides={"model": {k: model[k] for k in ("path", "quantize", "device") if k in model}},
-                reward_weights=options.reward_weights, temperature=options.temperature, top_p=options.top_p,
-                max_new_tokens=options.max_new_tokens, seed=options.seed + number,
-                batch_size=options.sample_batch_size, pairing=options.pairing, min_margin=options.min_margin,
-                missing_eos_penalty=options.missing_eos_penalty, trust_remote_code=options.trust_remote_code,
+                trust_remote_code=options.trust_remote_code,
             ),
             self.console,
             self.rewards,
@@ -189,8 +181,9 @@ class Iteration:
         adapter = open_adapter(self.round_dir(number) / "run", None, self.console, self.options.trust_remote_code)
         model, tokenizer = load_policy(adapter), load_base_tokenizer(adapter)
         batch_size = adapter.recipe.training.eval_batch_size
+        sampling = self.options.sampling
         results = evaluate_samples(
-            model, tokenizer, eval_prompts, self.rewards, self.options.max_new_tokens, self.options.seed, batch_size
+            model, tokenizer, eval_prompts, self.rewards, sampling.max_new_tokens, sampling.seed, batch_size
         )
         return sample_metrics(results, adapter.recipe.dpo.beta)
 
@@ -204,7 +197,11 @@ def run_iterate(options: IterateOptions, console: Console) -> dict:
         raise UserError(f"--prompts-per-round {options.prompts_per_round}: must be 0 (all) or a number of prompts")
     values = recipe_values(options)
     recipe = recipe_from_dict(values)  # every key checked before anything runs
-    rewards = load_rewards(options.rewards, options.reward_weights, options.trust_remote_code, options.reward_quantize)
+    sampling = options.sampling
+    sampling.check()  # before the rewards and prompts load
+    rewards = load_rewards(
+        options.rewards, sampling.reward_weights, options.trust_remote_code, sampling.reward_quantize
+    )
     prompts = read_prompts([str(p) for p in options.prompts], recipe.data)
     eval_prompts = read_prompts([str(p) for p in options.eval_prompts], recipe.data) if options.eval_prompts else []
     folder = Path(options.output_dir)
