@@ -68,7 +68,8 @@ class ModelSection:
     from_adapter: str = field(default="", metadata={"flag": "--from-adapter"})
     """train: a LoRA adapter folder (from `dpo-cli sft`, or any PEFT LoRA adapter of this base with the `lora`
     section's rank, alpha and modules) that the policy starts from and that, frozen, is the reference: base + this
-    adapter, never the bare base. The run keeps a copy in its reference-adapter/ folder."""
+    adapter, never the bare base, unless model.reference_adapter names another. The run keeps a copy of its
+    reference in its reference-adapter/ folder."""
     reference_adapter: str = field(default="", metadata={"flag": "--reference-adapter"})
     """train: the reference policy. Unset: the model the run starts from (base + model.from_adapter, or the base);
     `base`: the bare base (every adapter off), even for a run started --from-adapter; a LoRA adapter folder: base +

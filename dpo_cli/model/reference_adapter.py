@@ -39,13 +39,12 @@ from dpo_cli.model.adapter import (
     ADAPTER_WEIGHTS,
     TrainedAdapter,
     adapter_shapes,
-    check_adapter_config,
     check_adapter_fits,
-    check_adapter_weights,
+    check_adapter_folder,
     load_policy,
 )
-from dpo_cli.model.load import REFERENCE_ADAPTER, read_adapter_config
-from dpo_cli.output_folder import file_above, honour_umask
+from dpo_cli.model.load import REFERENCE_ADAPTER
+from dpo_cli.output_folder import honour_umask
 
 POLICY_ADAPTER = ADAPTER_NAME
 """The trained adapter's PEFT name ("default"): what checkpoints, the final adapter and merge-adapter hold."""
@@ -60,27 +59,20 @@ def check_start_adapter(adapter_dir: Path, lora: LoraSection, base_path: str, fl
     reads only the small files' headers and the adapter's weights (small), no model."""
     adapter_dir = Path(adapter_dir)
     where = f"{flag} {adapter_dir}"
-    if not adapter_dir.is_dir():
-        blocker = file_above(adapter_dir)
-        why = "not found" if blocker is None else f"not found ({blocker} is a file)"
-        raise UserError(f"{where}: adapter folder {why}; pass the output folder of `dpo-cli sft` or a PEFT adapter")
-    config = read_adapter_config(adapter_dir)
-    check_adapter_config(adapter_dir)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise UserError(
-            f"{where}: no {ADAPTER_WEIGHTS} (an adapter_model.bin is never unpickled); save the adapter with "
-            "safetensors (PEFT's default)"
-        )
+    config = check_adapter_folder(
+        adapter_dir,
+        where,
+        not_found="pass the output folder of `dpo-cli sft` or a PEFT adapter",
+        no_weights="an adapter_model.bin is never unpickled: save the adapter with safetensors (PEFT's default)",
+        damaged_weights="the adapter is damaged or its training diverged",
+    )
     _refuse_unsupported_kind(where, config)
     _refuse_other_lora_shape(where, config, lora)
     _refuse_other_base(where, config, base_path)
-    if not adapter_shapes(adapter_dir):
-        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: holds no LoRA weights; the adapter folder is damaged")
     other = {module: rank for module, rank in _file_ranks(adapter_dir).items() if rank != lora.r}
     if other:
         module, rank = next(iter(other.items()))
         raise UserError(f"{where}: {module} has rank {rank} in the adapter, the recipe's lora.r is {lora.r}; {_FIX}")
-    check_adapter_weights(adapter_dir, what_to_do="the adapter is damaged or its training diverged")
 
 
 _FIX = "set the recipe's lora section to the adapter's (e.g. --set lora.r=R --set lora.alpha=A)"
