@@ -248,9 +248,10 @@ def _start_state(folder: Path, options: IterateOptions) -> dict:
         raise UserError(f"{path}: unreadable; the folder is damaged, pick another --output-dir") from None
     saved, now = state.get("settings", {}), options.settings()
     for key, value in now.items():
-        if key != "rounds" and saved.get(key, SETTINGS_BEFORE.get(key)) != value:
+        before = saved.get(key, SETTINGS_BEFORE.get(key))
+        if key != "rounds" and before != value:
             raise UserError(
-                f"--resume: {key} was {saved.get(key)!r} in {folder}, and this run asks for {value!r}; resume with "
+                f"--resume: {key} was {before!r} in {folder}, and this run asks for {value!r}; resume with "
                 "the same settings (only --rounds may change)"
             )
     state["settings"] = now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -144,3 +145,20 @@ def test_an_unknown_reference_is_one_line(capsys, setup, tmp_path):
     code, _, err = run_cli_inprocess(capsys, *iterate_args(setup, tmp_path / "out", "--reference", "first"))
     assert code == 2 and not (tmp_path / "out").exists()
     assert err.strip() == "error: --reference 'first': must be one of previous, initial"
+
+
+def test_a_state_file_from_before_reference_resumes_as_previous(tmp_path):
+    """State files written before --reference existed hold no `reference`: they ran `previous`, and resume so."""
+    from dpo_cli.errors import UserError
+    from dpo_cli.online.iterate import STATE, IterateOptions, _start_state
+
+    options = IterateOptions(recipe=None, prompts=[tmp_path / "p.jsonl"], rewards=["r.py:f"], output_dir=tmp_path,
+                             rounds=2, resume=True)  # fmt: skip
+    settings = options.settings()
+    assert settings["reference"] == "previous" and settings["sample_batch_size"] == 32
+    del settings["reference"]
+    (tmp_path / STATE).write_text(json.dumps({"settings": settings, "rounds": []}))
+    assert _start_state(tmp_path, options)["settings"]["reference"] == "previous"
+    (tmp_path / STATE).write_text(json.dumps({"settings": settings, "rounds": []}))
+    with pytest.raises(UserError, match="--resume: reference was 'previous'.*asks for 'initial'"):
+        _start_state(tmp_path, dataclasses.replace(options, reference="initial"))
