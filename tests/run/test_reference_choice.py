@@ -47,14 +47,15 @@ def few_pairs(stories_data, tmp_path_factory) -> Path:
     return path
 
 
-def _direct_loss(model_path: Path, pairs, policy_dir: Path, reference_dir: Path | None, beta: float) -> float:
+def _direct_loss(model_path: Path, pairs, policy_dir: Path | None, reference_dir: Path | None, beta: float) -> float:
     """Mean sigmoid DPO loss with plain PEFT models: log p from each model's own forward, no dpo-cli scoring."""
     from peft import PeftModel
 
     from dpo_cli.model.load import load_base_model
 
     section, cpu = ModelSection(path=str(model_path)), torch.device("cpu")
-    policy = PeftModel.from_pretrained(load_base_model(section, cpu), str(policy_dir))
+    policy = load_base_model(section, cpu)
+    policy = policy if policy_dir is None else PeftModel.from_pretrained(policy, str(policy_dir))
     base = load_base_model(section, cpu)
     reference = base if reference_dir is None else PeftModel.from_pretrained(base, str(reference_dir))
     losses = []
@@ -70,17 +71,21 @@ def _direct_loss(model_path: Path, pairs, policy_dir: Path, reference_dir: Path 
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("reference", ["B", "base"])
+@pytest.mark.parametrize(
+    ("start", "reference"), [("A", "B"), ("A", "base"), ("", "B")], ids=["A-refers-to-B", "A-to-base", "base-to-B"]
+)
 def test_step_one_loss_against_another_reference_equals_plain_peft(
-    stories_model, few_pairs, adapters, tmp_path, reference
+    stories_model, few_pairs, adapters, tmp_path, start, reference
 ):
+    """A fresh policy (no --from-adapter: LoRA B is zero, so the policy is the base) against B is covered too."""
+    start_dir = adapters[start] if start else None
     reference_dir = adapters["B"] if reference == "B" else None
     run = _built_run(
-        stories_model, few_pairs, tmp_path / "run", adapters["A"], reference_adapter=str(reference_dir or "base")
+        stories_model, few_pairs, tmp_path / "run", start_dir or "", reference_adapter=str(reference_dir or "base")
     )
     loss = _first_batch_loss(run, run.scoring)
     pairs = [run.train_pairs[i] for i in range(4)]
-    expected = _direct_loss(stories_model, pairs, adapters["A"], reference_dir, run.recipe.dpo.beta)
+    expected = _direct_loss(stories_model, pairs, start_dir, reference_dir, run.recipe.dpo.beta)
     assert loss == pytest.approx(expected, abs=LOSS_TOLERANCE)
     assert abs(loss - LOG_2) > 1e-3, "the reference is not the policy's start, so step 1 is not log 2"
 
