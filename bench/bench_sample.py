@@ -8,6 +8,13 @@ KV cache, per-sample seeds), with a constant reward so that only generation is t
 
     OMP_NUM_THREADS=2 python3 bench/bench_sample.py --model stories260K --prompts 32 --num-samples 4 \
         --max-new-tokens 48 --batch-size 64
+
+`--trl` also times TRL's experimental online DPO (trl.experimental.online_dpo.OnlineDPOTrainer) generating on the
+same prompts from its own copy of the same model, loaded the same way (4-bit NF4 unless --no-quantize, with a LoRA
+adapter as its trainer wraps it): `trainer._generate`, the function its training_step calls, for --batch-size / 2
+prompts at a time (it samples 2 completions per prompt, fixed in TRL, so --trl needs --num-samples 2). Timed twice:
+with TRL's default gradient_checkpointing=True, under which its generation config turns the KV cache off, and with
+gradient_checkpointing=False.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ def main() -> None:
     parser.add_argument("--no-quantize", action="store_true")
     parser.add_argument("--loop-prompts", type=int, default=0, help="prompts the plain loop samples (0: all)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--trl", action="store_true", help="also time TRL's experimental online DPO's generation")
     # the synthetic model's shape (train_inputs.synthetic_model)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=16)
@@ -66,6 +74,8 @@ def main() -> None:
     from dpo_cli.online.rewards import Reward, RewardSet
     from dpo_cli.online.sample import Policy, batch_plan, prompt_ids, sample_prompts
 
+    if args.trl and args.num_samples != 2:
+        raise SystemExit("--trl: TRL's online DPO samples 2 completions per prompt; pass --num-samples 2")
     device = torch.device(args.device)
     texts = prompt_texts(args)
     with tempfile.TemporaryDirectory() as workdir:
@@ -109,6 +119,11 @@ def main() -> None:
                     loop_samples += 1
         sync(device)
         loop = time.perf_counter() - started
+        trl = {}
+        if args.trl:
+            for checkpointing in (True, False):
+                name = "trl_online_dpo" + ("" if checkpointing else "_no_gradient_checkpointing")
+                trl[name] = trl_generation(path, tokenizer, texts, args, checkpointing, Path(workdir))
 
     result = {
         "model": described,
@@ -126,6 +141,7 @@ def main() -> None:
             "tokens_per_s": loop_tokens / loop,
         },
     }
+    result.update(trl)
     result["speedup_samples_per_s"] = result["dpo_cli"]["samples_per_s"] / result["generate_loop"]["samples_per_s"]
     print(
         f"{described}, {args.device}, {len(ids)} prompts x {args.num_samples} samples, <= {args.max_new_tokens} "
@@ -137,8 +153,61 @@ def main() -> None:
         f"{result['generate_loop']['tokens_per_s']:.0f} generated tokens/s\n"
         f"  speedup: {result['speedup_samples_per_s']:.2f}x samples/s"
     )
+    for name, measured in trl.items():
+        print(
+            f"  {name} (_generate, {measured['prompts_per_call']} prompts x 2 per call): "
+            f"{measured['samples_per_s']:.1f} samples/s, {measured['tokens_per_s']:.0f} generated tokens/s"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def trl_generation(path: str, tokenizer, texts: list[str], args, checkpointing: bool, workdir: Path) -> dict:
+    """Samples/s and generated tokens/s of OnlineDPOTrainer._generate on `texts`, batch_size / 2 prompts a call."""
+    import torch
+    from benchlib import sync
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    from dpo_cli.config import ModelSection
+    from dpo_cli.model.load import load_base_model
+
+    def constant(prompts, completions, **columns):
+        return [0.0] * len(completions)
+
+    device = torch.device(args.device)
+    model = load_base_model(ModelSection(path=path, quantize=not args.no_quantize, device=args.device), device)
+    per_call = max(1, args.batch_size // 2)
+    config = OnlineDPOConfig(
+        output_dir=str(workdir / f"trl-{checkpointing}"), per_device_train_batch_size=per_call,
+        max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        gradient_checkpointing=checkpointing, report_to=[], use_cpu=args.device == "cpu", bf16=False,
+        seed=args.seed,
+    )  # fmt: skip
+    trainer = OnlineDPOTrainer(
+        model=model, reward_funcs=[constant], args=config, train_dataset=Dataset.from_dict({"prompt": texts}),
+        processing_class=tokenizer, peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+    )  # fmt: skip
+    trainer.model.eval()
+    trainer._generate(trainer.model, texts[:per_call])  # warm-up
+    sync(device)
+    started = time.perf_counter()
+    tokens = samples = 0
+    for start in range(0, len(texts), per_call):
+        _, _, completion_ids, completion_mask, _ = trainer._generate(trainer.model, texts[start : start + per_call])
+        tokens += int(completion_mask.sum())
+        samples += completion_ids.shape[0]
+    sync(device)
+    seconds = time.perf_counter() - started
+    return {
+        "gradient_checkpointing": checkpointing,
+        "kv_cache": bool(trainer.generation_config.use_cache),
+        "prompts_per_call": per_call,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 if __name__ == "__main__":

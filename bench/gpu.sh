@@ -15,7 +15,8 @@
 #      shape), 4-bit NF4 base, bf16 compute, LoRA r16 all-linear, 4 pairs of hh-rlhf-like dialogue per step at
 #      max_length 1024, gradient checkpointing on;
 #   3. bench_sample.py: `dpo-cli sample`'s batched generation (samples/s, generated tokens/s) against a
-#      one-prompt-at-a-time model.generate loop, on the same synthetic 1B-class Llama, 4-bit;
+#      one-prompt-at-a-time model.generate loop and TRL 1.16's experimental OnlineDPOTrainer's generation (2 samples
+#      per prompt, fixed in TRL, so 2 here for all three), on the same synthetic 1B-class Llama, 4-bit;
 #   4. on a machine with 2 or more GPUs, bench_sharding.py: memory per GPU of 1 process, 2 processes with
 #      --sharding ddp and 2 with --sharding fsdp on the same synthetic 1B-class Llama (one line says it was skipped
 #      on one GPU);
@@ -83,14 +84,14 @@ timeout 270 python3 bench/bench_train.py --device "$device" --model synthetic "$
   "${train[@]}" --workdir /tmp/bench-train --write "$OUT/RESULTS-gpu.md" --json "$OUT/train.json" 2>&1 \
   | tee "$OUT/train.log" || status=1
 
-echo "== sampling: dpo-cli sample's batched generation vs a one-at-a-time generate loop"
+echo "== sampling: dpo-cli sample's batched generation vs a one-at-a-time generate loop and TRL's online DPO"
 if [ "$smoke" = 1 ]; then
-  sample=(--model tiny --prompts 8 --num-samples 2 --max-new-tokens 8 --batch-size 16 --loop-prompts 2)
+  sample=(--model tiny --prompts 8 --num-samples 2 --max-new-tokens 8 --batch-size 16 --loop-prompts 2 --trl)
 else
-  sample=(--model synthetic "${model[@]}" --prompts 64 --num-samples 4 --max-new-tokens 128 --batch-size 256 \
-    --loop-prompts 4)
+  sample=(--model synthetic "${model[@]}" --prompts 64 --num-samples 2 --max-new-tokens 128 --batch-size 128 \
+    --loop-prompts 4 --trl)
 fi
-timeout 150 python3 bench/bench_sample.py --device "$device" "${sample[@]}" --json "$OUT/sample.json" 2>&1 \
+timeout 180 python3 bench/bench_sample.py --device "$device" "${sample[@]}" --json "$OUT/sample.json" 2>&1 \
   | tee "$OUT/sample.log" || status=1
 
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 
 from dpo_cli.errors import UserError
-from dpo_cli.flags import every_flagged_key, recipe_flags
+from dpo_cli.flags import every_flagged_key, options_flags, recipe_flags
+from dpo_cli.online.sampling_options import SamplingOptions
 
 app = typer.Typer(
     help="Align causal language models to human preferences with DPO: 4-bit base, LoRA adapters, fused log-probs.",
@@ -55,6 +56,8 @@ def _train_command(objective: str, recipe: Path | None, resume: bool, trust_remo
             "model.from_adapter: sft starts from the base model; --from-adapter is for `dpo-cli train`, which starts "
             "DPO from an sft adapter"
         )
+    if objective == "sft" and resolved.model.reference_adapter:
+        raise UserError("model.reference_adapter: sft has no reference policy; the key is for `dpo-cli train`")
     command = shlex.join(["dpo-cli", *sys.argv[1:]])
     result = run_training(
         resolved, resume=resume, console=console, trust_remote_code=trust_remote_code, command=command
@@ -92,7 +95,7 @@ def train(
     _train_command("dpo", recipe, resume, trust_remote_code, overrides)
 
 
-SFT_LEAVES_OUT = ("model.from_adapter",)
+SFT_LEAVES_OUT = ("model.from_adapter", "model.reference_adapter")
 """Train-only keys sft does not take: an SFT run starts from the base (its adapter is what DPO starts from)."""
 
 
@@ -227,26 +230,15 @@ REWARD_OPTION_HELP = (
 
 @app.command()
 @recipe_flags("sample", "model.path", "model.quantize", "data.format", "data.columns", "data.chat_template")
+@options_flags(SamplingOptions, "sample", "sampling", panel="Sampling and pairing")
 def sample(
     prompts: list[Path] = typer.Option(..., "--prompts", help="Prompt file, or any pair or conversation file."),
     reward: list[str] = typer.Option(..., "--reward", help=REWARD_OPTION_HELP),
     output_dir: Path = typer.Option(..., "--output-dir", help="Folder for candidates.jsonl, pairs.jsonl, summary."),
     adapter: Path | None = typer.Option(None, "--adapter", help="Sample base + this adapter (a train output)."),
-    num_samples: int = typer.Option(4, "--num-samples", help="Completions per prompt."),
-    reward_weights: list[float] = typer.Option([], "--reward-weights", help="One weight per --reward (default 1)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (1.0: the model's own)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1.0: off)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit, cut to the model's context."),
-    seed: int = typer.Option(0, "--seed", help="Each sample's random stream derives from it."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Sequences (prompts x samples) generated together."),
-    pairing: str = typer.Option("max-min", "--pairing", help="max-min, max-random or all."),
-    min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose rewards differ by less."),
-    missing_eos_penalty: float = typer.Option(
-        0.0, "--missing-eos-penalty", help="Subtracted from the reward of a completion that hit the length limit."
-    ),
-    reward_4bit: bool = typer.Option(False, "--reward-4bit", help="Load a reward model 4-bit (NF4)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     *,
+    sampling: SamplingOptions,
     overrides: dict,
 ):
     """Sample N completions per prompt, score them with --reward, and pair best against worst for `train`.
@@ -259,19 +251,9 @@ def sample(
         prompts=prompts,
         rewards=reward,
         output_dir=output_dir,
-        num_samples=num_samples,
+        sampling=sampling,
         adapter=adapter,
         overrides=overrides,
-        reward_weights=reward_weights,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        batch_size=batch_size,
-        pairing=pairing,
-        min_margin=min_margin,
-        missing_eos_penalty=missing_eos_penalty,
-        reward_quantize=reward_4bit,
         trust_remote_code=trust_remote_code,
     )
     report = run_sample(options, console)
@@ -283,6 +265,7 @@ def sample(
     "iterate", "model.path", "model.quantize", "training.max_steps", "training.batch_size", "training.lr",
     "dpo.beta", "data.max_length",
 )  # fmt: skip
+@options_flags(SamplingOptions, "iterate", "sampling", panel="Sampling and pairing")
 def iterate(
     recipe: Path | None = typer.Argument(None, help="YAML recipe of each round's training; flags override it."),
     prompts: list[Path] = typer.Option(..., "--prompts", help="Prompt file, or any pair or conversation file."),
@@ -291,34 +274,25 @@ def iterate(
     output_dir: Path = typer.Option(..., "--output-dir", help="Folder for round-NN/ folders, state and report.png."),
     eval_prompts: list[Path] = typer.Option([], "--eval-prompts", help="Held-out prompts for reward, win rate, KL."),
     prompts_per_round: int = typer.Option(0, "--prompts-per-round", help="0: all prompts each round; N: a slice."),
-    num_samples: int = typer.Option(4, "--num-samples", help="Completions per prompt."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit of every sample."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature of the rounds' samples."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass of the rounds' samples."),
-    seed: int = typer.Option(0, "--seed", help="Round r samples under seed + r; eval under seed."),
-    sample_batch_size: int = typer.Option(32, "--sample-batch-size", help="Sequences generated together."),
-    pairing: str = typer.Option("max-min", "--pairing", help="max-min, max-random or all."),
-    min_margin: float = typer.Option(0.0, "--min-margin", help="Drop pairs whose rewards differ by less."),
-    missing_eos_penalty: float = typer.Option(0.0, "--missing-eos-penalty", help="Reward penalty for no EOS."),
-    reward_weights: list[float] = typer.Option([], "--reward-weights", help="One weight per --reward (default 1)."),
-    reward_4bit: bool = typer.Option(False, "--reward-4bit", help="Load a reward model 4-bit (NF4)."),
+    reference: str = typer.Option(
+        "previous", "--reference", help="previous: each round refers to the last round's policy; initial: to round 1's."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue where an earlier iterate into DIR stopped."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
     *,
+    sampling: SamplingOptions,
     overrides: dict,
 ):
     """Iterative DPO: each round samples the current policy, pairs best against worst by --reward, trains from the
-    previous round's adapter (its reference), and evaluates on --eval-prompts. Resumable with --resume."""
+    previous round's adapter (the reference: that adapter, or with --reference initial round 1's starting policy),
+    and evaluates on --eval-prompts. Resumable with --resume."""
     from dpo_cli.online.iterate import IterateOptions, run_iterate
     from dpo_cli.run.distributed import refuse_several_processes
 
     refuse_several_processes("iterate")
     options = IterateOptions(
         recipe=recipe, prompts=prompts, rewards=reward, output_dir=output_dir, rounds=rounds, overrides=overrides,
-        eval_prompts=eval_prompts, prompts_per_round=prompts_per_round, num_samples=num_samples,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        sample_batch_size=sample_batch_size, pairing=pairing, min_margin=min_margin,
-        missing_eos_penalty=missing_eos_penalty, reward_weights=reward_weights, reward_quantize=reward_4bit,
+        eval_prompts=eval_prompts, prompts_per_round=prompts_per_round, reference=reference, sampling=sampling,
         trust_remote_code=trust_remote_code, resume=resume, command=shlex.join(["dpo-cli", *sys.argv[1:]]),
     )  # fmt: skip
     run_iterate(options, console)

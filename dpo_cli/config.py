@@ -68,7 +68,13 @@ class ModelSection:
     from_adapter: str = field(default="", metadata={"flag": "--from-adapter"})
     """train: a LoRA adapter folder (from `dpo-cli sft`, or any PEFT LoRA adapter of this base with the `lora`
     section's rank, alpha and modules) that the policy starts from and that, frozen, is the reference: base + this
-    adapter, never the bare base. The run keeps a copy in its reference-adapter/ folder."""
+    adapter, never the bare base, unless model.reference_adapter names another. The run keeps a copy of its
+    reference in its reference-adapter/ folder."""
+    reference_adapter: str = field(default="", metadata={"flag": "--reference-adapter"})
+    """train: the reference policy. Unset: the model the run starts from (base + model.from_adapter, or the base);
+    `base`: the bare base (every adapter off), even for a run started --from-adapter; a LoRA adapter folder: base +
+    that adapter, frozen (iterate --reference initial: each round starts from the last round's adapter and refers
+    to the first round's). A folder named base is written ./base."""
 
     def __post_init__(self):
         _check_finite_floats("model", self)
@@ -297,12 +303,28 @@ class Recipe:
     def save(self, path: Path) -> None:
         command = "sft" if self.training.objective == "sft" else "train"
         header = f"# The fully resolved recipe of this run: `dpo-cli {command} THIS_FILE` repeats it.\n"
-        if self.model.from_adapter:
+        reference = reference_adapter_of(self.model)
+        if reference:
+            what = "model.from_adapter" if reference == self.model.from_adapter else "model.reference_adapter"
             header += (
-                f"# The reference (base + model.from_adapter, frozen) is kept in {REFERENCE_COPY}/ beside this file;\n"
+                f"# The reference (base + {what}, frozen) is kept in {REFERENCE_COPY}/ beside this file;\n"
                 "# eval and the model card read it there.\n"
             )
+        elif self.model.from_adapter:
+            header += "# The reference is the bare base (model.reference_adapter: base), every adapter off.\n"
         write_text_atomic(path, header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+REFERENCE_IS_BASE = "base"
+"""model.reference_adapter's value for the bare base as the reference."""
+
+
+def reference_adapter_of(model: ModelSection) -> str:
+    """The adapter folder whose frozen copy is the run's reference, or "" when the reference is the bare base:
+    model.reference_adapter's folder, or, unset, model.from_adapter's (the model the run starts from)."""
+    if model.reference_adapter == REFERENCE_IS_BASE:
+        return ""
+    return model.reference_adapter or model.from_adapter
 
 
 def _check_finite_floats(section: str, values: Any) -> None:

@@ -185,3 +185,37 @@ def _flag_value(flag: RecipeFlag, value: Any) -> Any:
     if flag.negates:
         return (not flag.default) if value else None
     return value
+
+
+def options_flags(cls: type, command: str, into: str, panel: str | None = None) -> Callable:
+    """Give a typer command an option per field of the dataclass `cls`, flag and help from the field's metadata
+    (`flag`, `flag_in[command]`, `help`), so that commands sharing a group of options declare them once there; the
+    command receives `into=cls(...)` of the values given or defaulted; `panel` groups them in --help."""
+    fields = dataclasses.fields(cls)
+    hints = typing.get_type_hints(cls)
+
+    def option_of(item: dataclasses.Field) -> inspect.Parameter:
+        flag = item.metadata.get("flag_in", {}).get(command) or item.metadata["flag"]
+        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+        option = typer.Option(default, flag, help=escape(item.metadata["help"]), rich_help_panel=panel)
+        return inspect.Parameter(
+            f"{into}__{item.name}", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[item.name]
+        )
+
+    def decorate(function: Callable) -> Callable:
+        own_hints = typing.get_type_hints(function)
+        own = [
+            parameter.replace(annotation=own_hints.get(parameter.name, parameter.annotation))
+            for parameter in inspect.signature(function).parameters.values()
+            if parameter.name != into
+        ]
+
+        @functools.wraps(function)
+        def command_with_options(**arguments):
+            values = {item.name: arguments.pop(f"{into}__{item.name}") for item in fields}
+            return function(**arguments, **{into: cls(**values)})
+
+        command_with_options.__signature__ = inspect.Signature(own + [option_of(item) for item in fields])
+        return command_with_options
+
+    return decorate

@@ -68,19 +68,13 @@ def open_adapter(
     Both files are checked here, before any model loads: a damaged adapter costs milliseconds, not a model load.
     """
     adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        blocker = file_above(adapter_dir)
-        why = "not found" if blocker is None else f"not found ({blocker} is a file)"
-        raise UserError(f"{adapter_dir}: adapter folder {why}; pass the --output-dir of a `dpo-cli train` run")
+    check_adapter_folder(
+        adapter_dir,
+        str(adapter_dir),
+        not_found="pass the --output-dir of a `dpo-cli train` run",
+        no_weights="the training run did not finish, or this is not its output",
+    )
     peft_base = read_adapter_base(adapter_dir)
-    check_adapter_config(adapter_dir)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise UserError(
-            f"{adapter_dir}: no {ADAPTER_WEIGHTS}; the training run did not finish, or this is not its output"
-        )
-    if not adapter_shapes(adapter_dir):
-        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: holds no LoRA weights; the adapter folder is damaged")
-    check_adapter_weights(adapter_dir)
     recipe_path = adapter_dir / RECIPE_FILENAME
     if recipe_path.is_file():
         values = read_recipe_file(recipe_path)
@@ -97,6 +91,30 @@ def open_adapter(
     if recipe.model.trust_remote_code and not trust_remote_code and console is not None:
         console.print(f"[yellow]{adapter_dir / RECIPE_FILENAME}: {IGNORED_RECIPE_TRUST}[/yellow]")
     return TrainedAdapter(adapter_dir, recipe, trust_remote_code)
+
+
+def check_adapter_folder(
+    adapter_dir: Path, where: str, not_found: str, no_weights: str, damaged_weights: str | None = None
+) -> dict:
+    """What every adapter folder is checked for before a model loads, each in one line starting with `where`: the
+    folder exists, adapter_config.json is a sane LoRA config, adapter_model.safetensors is there and holds LoRA
+    weights, all finite. The hints say what to do in the caller's terms. Returns the config."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        blocker = file_above(adapter_dir)
+        why = "not found" if blocker is None else f"not found ({blocker} is a file)"
+        raise UserError(f"{where}: adapter folder {why}; {not_found}")
+    config = read_adapter_config(adapter_dir)
+    check_adapter_config(adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"{where}: no {ADAPTER_WEIGHTS}; {no_weights}")
+    if not adapter_shapes(adapter_dir):
+        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: holds no LoRA weights; the adapter folder is damaged")
+    if damaged_weights is None:
+        check_adapter_weights(adapter_dir)
+    else:
+        check_adapter_weights(adapter_dir, what_to_do=damaged_weights)
+    return config
 
 
 def check_adapter_config(adapter_dir: Path) -> None:

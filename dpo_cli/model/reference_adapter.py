@@ -4,8 +4,13 @@ DPO's reference is the model the run starts from. Without `--from-adapter` that 
 the policy with its adapter disabled (`load.reference_mode`). Started from an SFT adapter, disabling the adapter
 would give the *bare base*, not the SFT model: the trap LLaMA-Factory users fell into. So here:
 - the policy's LoRA weights (PEFT adapter "default", built from the recipe's `lora` section) start as DIR's;
-- DIR's adapter is loaded a second time as the frozen adapter `REFERENCE_ADAPTER` ("reference"), and
-  `load.reference_mode` switches the active adapter to it (and back) for the reference pass, under no_grad.
+- the reference adapter, DIR's by default, is loaded a second time as the frozen adapter `REFERENCE_ADAPTER`
+  ("reference"), and `load.reference_mode` switches the active adapter to it (and back) for the reference pass,
+  under no_grad.
+`model.reference_adapter` (config.reference_adapter_of) names another reference: `base` (no reference adapter, so
+`reference_mode` disables every adapter: the bare base), or another adapter folder (iterate --reference initial:
+the policy starts from round r-1's adapter, the reference stays round 1's). The reference cache, `--resume` and
+OUTPUT/reference-adapter/ all follow the reference, whichever it is.
 Its parameters never require grad, so they are neither in the optimizer nor DDP parameters, and the checkpoints and
 the final adapter hold the policy only (`save_policy`).
 
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_cli.config import REFERENCE_COPY, LoraSection
+from dpo_cli.config import REFERENCE_COPY, LoraSection, reference_adapter_of
 from dpo_cli.errors import UserError
 from dpo_cli.files import atomic_directory
 from dpo_cli.model.adapter import (
@@ -34,13 +39,12 @@ from dpo_cli.model.adapter import (
     ADAPTER_WEIGHTS,
     TrainedAdapter,
     adapter_shapes,
-    check_adapter_config,
     check_adapter_fits,
-    check_adapter_weights,
+    check_adapter_folder,
     load_policy,
 )
-from dpo_cli.model.load import REFERENCE_ADAPTER, read_adapter_config
-from dpo_cli.output_folder import file_above, honour_umask
+from dpo_cli.model.load import REFERENCE_ADAPTER
+from dpo_cli.output_folder import honour_umask
 
 POLICY_ADAPTER = ADAPTER_NAME
 """The trained adapter's PEFT name ("default"): what checkpoints, the final adapter and merge-adapter hold."""
@@ -50,32 +54,25 @@ REFERENCE_DIGEST_ATTRIBUTE = "dpo_cli_reference_sha256"
 """Set on a model that carries a reference adapter: its `adapter_content_sha256` (reference cache fingerprint)."""
 
 
-def check_start_adapter(adapter_dir: Path, lora: LoraSection, base_path: str) -> None:
-    """One line if `adapter_dir` cannot start this run and be its reference; reads only the small files' headers
-    and the adapter's weights (small), no model."""
+def check_start_adapter(adapter_dir: Path, lora: LoraSection, base_path: str, flag: str = "--from-adapter") -> None:
+    """One line if `adapter_dir` cannot start this run or be its reference (`flag` names which it was given as);
+    reads only the small files' headers and the adapter's weights (small), no model."""
     adapter_dir = Path(adapter_dir)
-    where = f"--from-adapter {adapter_dir}"
-    if not adapter_dir.is_dir():
-        blocker = file_above(adapter_dir)
-        why = "not found" if blocker is None else f"not found ({blocker} is a file)"
-        raise UserError(f"{where}: adapter folder {why}; pass the output folder of `dpo-cli sft` or a PEFT adapter")
-    config = read_adapter_config(adapter_dir)
-    check_adapter_config(adapter_dir)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise UserError(
-            f"{where}: no {ADAPTER_WEIGHTS} (an adapter_model.bin is never unpickled); save the adapter with "
-            "safetensors (PEFT's default)"
-        )
+    where = f"{flag} {adapter_dir}"
+    config = check_adapter_folder(
+        adapter_dir,
+        where,
+        not_found="pass the output folder of `dpo-cli sft` or a PEFT adapter",
+        no_weights="an adapter_model.bin is never unpickled: save the adapter with safetensors (PEFT's default)",
+        damaged_weights="the adapter is damaged or its training diverged",
+    )
     _refuse_unsupported_kind(where, config)
     _refuse_other_lora_shape(where, config, lora)
     _refuse_other_base(where, config, base_path)
-    if not adapter_shapes(adapter_dir):
-        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: holds no LoRA weights; the adapter folder is damaged")
     other = {module: rank for module, rank in _file_ranks(adapter_dir).items() if rank != lora.r}
     if other:
         module, rank = next(iter(other.items()))
         raise UserError(f"{where}: {module} has rank {rank} in the adapter, the recipe's lora.r is {lora.r}; {_FIX}")
-    check_adapter_weights(adapter_dir, what_to_do="the adapter is damaged or its training diverged")
 
 
 _FIX = "set the recipe's lora section to the adapter's (e.g. --set lora.r=R --set lora.alpha=A)"
@@ -164,15 +161,17 @@ def adapter_content_sha256(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def start_from_adapter(model, adapter_dir: Path, base_path: str) -> None:
-    """Policy ("default", the recipe's LoRA layers) := DIR's weights; DIR's adapter added again, frozen, as the
-    reference. `model` is the PeftModel `load.add_lora` made; the policy stays the active adapter."""
+def start_from_adapter(model, adapter_dir: Path, base_path: str, reference_dir: Path | None) -> None:
+    """Policy ("default", the recipe's LoRA layers) := DIR's weights; `reference_dir`'s adapter (DIR's for a run
+    whose reference is where it starts) added, frozen, as the reference; None: the reference is the bare base.
+    `model` is the PeftModel `load.add_lora` made; the policy stays the active adapter."""
     adapter_dir = Path(adapter_dir)
     check_adapter_fits(model.get_base_model(), adapter_dir, base_path)
     _refuse_modules_without_weights(model, adapter_dir)
     weights = adapter_weights(adapter_dir)
     _load_into(model, weights, POLICY_ADAPTER, adapter_dir)
-    add_reference_adapter(model, adapter_dir, weights)
+    if reference_dir is not None:
+        add_reference_adapter(model, reference_dir, weights if Path(reference_dir) == adapter_dir else None, base_path)
 
 
 def _refuse_modules_without_weights(model, adapter_dir: Path) -> None:
@@ -192,12 +191,16 @@ def _refuse_modules_without_weights(model, adapter_dir: Path) -> None:
         )
 
 
-def add_reference_adapter(model, adapter_dir: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+def add_reference_adapter(
+    model, adapter_dir: Path, weights: dict[str, torch.Tensor] | None = None, base_path: str | None = None
+) -> None:
     """DIR's adapter on `model` (a PeftModel) as the frozen adapter REFERENCE_ADAPTER, without dropout; the active
-    adapter is left as it was."""
+    adapter is left as it was. `base_path`: check first that DIR's tensors fit the loaded base."""
     from peft import LoraConfig
 
     adapter_dir = Path(adapter_dir)
+    if base_path is not None:
+        check_adapter_fits(model.get_base_model(), adapter_dir, base_path)
     config = LoraConfig.from_pretrained(str(adapter_dir))
     config.lora_dropout = 0.0  # the reference is a fixed function of its weights, in train mode too
     config.inference_mode = True
@@ -259,14 +262,16 @@ def reference_copy_of(run_dir: Path) -> Path | None:
 
 
 def load_policy_and_reference(adapter: TrainedAdapter):
-    """`adapter.load_policy`, plus, for a run started `--from-adapter`, its copy of that adapter as the frozen
-    reference; else the reference is the base (the adapter disabled). The copy is checked before the base loads."""
-    start = adapter.recipe.model.from_adapter
-    copy = reference_copy_of(adapter.path) if start else None
-    if start and copy is None:
+    """`adapter.load_policy`, plus, for a run whose reference was an adapter (`--from-adapter`'s, or
+    model.reference_adapter's), its copy of that adapter as the frozen reference; else the reference is the bare
+    base (the adapter disabled). The copy is checked before the base loads."""
+    reference = reference_adapter_of(adapter.recipe.model)
+    copy = reference_copy_of(adapter.path) if reference else None
+    if reference and copy is None:
+        key = "model.from_adapter" if reference == adapter.recipe.model.from_adapter else "model.reference_adapter"
         raise UserError(
-            f"{adapter.path}: the run started from the adapter {start} (model.from_adapter), its reference, but has "
-            f"no {REFERENCE_COPY}/ folder holding it; copy the whole run folder, or evaluate a run folder that has it"
+            f"{adapter.path}: the run's reference was the adapter {reference} ({key}), but the run has no "
+            f"{REFERENCE_COPY}/ folder holding it; copy the whole run folder, or evaluate a run folder that has it"
         )
     if copy is not None:
         check_start_adapter(copy, adapter.recipe.lora, adapter.base_path)

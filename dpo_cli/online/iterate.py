@@ -4,8 +4,11 @@
 
 Round r samples from the current policy (the base, or the recipe's model.from_adapter, in round 1; round r-1's
 adapter after), on its slice of the prompts (`--prompts-per-round`) or all of them; pairs the samples; trains with
-`train --from-adapter` the previous round's adapter, whose frozen copy is the reference (RLHFlow's choice); then
-samples the new policy and the base on the held-out prompts for reward, win rate and sampled KL against the base.
+`train --from-adapter` the previous round's adapter; then samples the new policy and the base on the held-out prompts
+for reward, win rate and sampled KL against the base. The reference of round r's training (`--reference`):
+- `previous` (RLHFlow): the policy round r starts from, i.e. a frozen copy of round r-1's adapter;
+- `initial` (OpenRLHF): round 1's starting policy in every round, i.e. the recipe's model.from_adapter if it has one,
+  else the bare base (model.reference_adapter: base), so nothing lets the rounds drift from it unpenalised.
 
 It calls the functions `sample`, `train` and `eval` call. DIR/round-NN/ holds the round's prompts.jsonl, samples/
 (a `dpo-cli sample` folder) and run/ (a `dpo-cli train` folder). DIR/iterate-state.json, written atomically after
@@ -24,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dpo_cli.config import merge_overrides, read_recipe_file, recipe_from_dict
+from dpo_cli.config import REFERENCE_IS_BASE, merge_overrides, read_recipe_file, recipe_from_dict
 from dpo_cli.data.records import json_line
 from dpo_cli.errors import UserError, shown
 from dpo_cli.files import write_bytes_atomic, write_text_atomic
@@ -33,6 +36,7 @@ from dpo_cli.online.policy_eval import evaluate_samples, sample_metrics
 from dpo_cli.online.prompts import Prompt, read_prompts
 from dpo_cli.online.rewards import RewardSet, load_rewards
 from dpo_cli.online.sample import PAIRS, SUMMARY, SampleOptions, run_sample
+from dpo_cli.online.sampling_options import SamplingOptions
 from dpo_cli.output_folder import check_folder_is_ours, claimed_folder
 from dpo_cli.run.loop import train
 
@@ -40,6 +44,10 @@ STATE = "iterate-state.json"
 REPORT = "report.png"
 KIND = "iterate"
 PHASES = ("sample", "train", "eval", "done")
+PREVIOUS, INITIAL = "previous", "initial"
+REFERENCES = (PREVIOUS, INITIAL)
+SETTINGS_BEFORE = {"reference": PREVIOUS}
+"""Settings a state file written before they existed holds implicitly: what those runs did."""
 
 
 @dataclasses.dataclass
@@ -52,18 +60,11 @@ class IterateOptions:
     overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
     eval_prompts: list[Path] = dataclasses.field(default_factory=list)
     prompts_per_round: int = 0
+    reference: str = "previous"
+    """previous: round r refers to round r-1's policy; initial: every round refers to round 1's starting policy."""
     """0: every round samples all the prompts; N: round r takes the r-th slice of N (wrapping around)."""
-    num_samples: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    sample_batch_size: int = 32
-    pairing: str = "max-min"
-    min_margin: float = 0.0
-    missing_eos_penalty: float = 0.0
-    reward_weights: list[float] = dataclasses.field(default_factory=list)
-    reward_quantize: bool = False
+    sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
+    """Each round's sampling and pairing, as `dpo-cli sample` takes them (its batch_size is --sample-batch-size)."""
     trust_remote_code: bool = False
     resume: bool = False
     command: str | None = None
@@ -73,7 +74,9 @@ class IterateOptions:
         fields = dataclasses.asdict(self)
         for name in ("resume", "command", "output_dir", "trust_remote_code"):
             fields.pop(name)
-        return json.loads(json.dumps(fields, default=str))
+        sampling = fields.pop("sampling")
+        sampling["sample_batch_size"] = sampling.pop("batch_size")  # the names state files have always used
+        return json.loads(json.dumps({**fields, **sampling}, default=str))
 
 
 def recipe_values(options: IterateOptions) -> dict:
@@ -121,6 +124,14 @@ class Iteration:
             return Path(start) if start else None
         return self.round_dir(number - 1) / "run"
 
+    def reference_adapter(self, number: int) -> str:
+        """model.reference_adapter of round `number`'s training: "" (the adapter it starts from) for `previous`
+        and in round 1; for `initial`, round 1's starting adapter, or the bare base."""
+        if self.options.reference == PREVIOUS or number == 1:
+            return ""
+        start = self.policy_adapter(1)
+        return str(start) if start else REFERENCE_IS_BASE
+
     def sample(self, number: int, prompts: list[Prompt]) -> None:
         folder = self.round_dir(number)
         prompt_file = folder / "prompts.jsonl"
@@ -130,12 +141,10 @@ class Iteration:
         report = run_sample(
             SampleOptions(
                 prompts=[prompt_file], rewards=options.rewards, output_dir=folder / "samples",
-                num_samples=options.num_samples, adapter=self.policy_adapter(number),
+                sampling=dataclasses.replace(options.sampling, seed=options.sampling.seed + number),
+                adapter=self.policy_adapter(number),
                 overrides={"model": {k: model[k] for k in ("path", "quantize", "device") if k in model}},
-                reward_weights=options.reward_weights, temperature=options.temperature, top_p=options.top_p,
-                max_new_tokens=options.max_new_tokens, seed=options.seed + number,
-                batch_size=options.sample_batch_size, pairing=options.pairing, min_margin=options.min_margin,
-                missing_eos_penalty=options.missing_eos_penalty, trust_remote_code=options.trust_remote_code,
+                trust_remote_code=options.trust_remote_code,
             ),
             self.console,
             self.rewards,
@@ -161,7 +170,7 @@ class Iteration:
             {
                 "data": {"train": [str(self.round_dir(number) / "samples" / PAIRS)], "eval": [], "eval_split": 0.0},
                 "training": {"output_dir": str(run_dir)},
-                "model": {"from_adapter": str(start) if start else ""},
+                "model": {"from_adapter": str(start or ""), "reference_adapter": self.reference_adapter(number)},
             },
         )
         resume = run_dir.is_dir() and any(run_dir.iterdir())
@@ -172,8 +181,9 @@ class Iteration:
         adapter = open_adapter(self.round_dir(number) / "run", None, self.console, self.options.trust_remote_code)
         model, tokenizer = load_policy(adapter), load_base_tokenizer(adapter)
         batch_size = adapter.recipe.training.eval_batch_size
+        sampling = self.options.sampling
         results = evaluate_samples(
-            model, tokenizer, eval_prompts, self.rewards, self.options.max_new_tokens, self.options.seed, batch_size
+            model, tokenizer, eval_prompts, self.rewards, sampling.max_new_tokens, sampling.seed, batch_size
         )
         return sample_metrics(results, adapter.recipe.dpo.beta)
 
@@ -181,11 +191,17 @@ class Iteration:
 def run_iterate(options: IterateOptions, console: Console) -> dict:
     if options.rounds <= 0:
         raise UserError(f"--rounds {options.rounds}: must be at least 1")
+    if options.reference not in REFERENCES:
+        raise UserError(f"--reference {shown(options.reference)}: must be one of {', '.join(REFERENCES)}")
     if options.prompts_per_round < 0:
         raise UserError(f"--prompts-per-round {options.prompts_per_round}: must be 0 (all) or a number of prompts")
     values = recipe_values(options)
     recipe = recipe_from_dict(values)  # every key checked before anything runs
-    rewards = load_rewards(options.rewards, options.reward_weights, options.trust_remote_code, options.reward_quantize)
+    sampling = options.sampling
+    sampling.check()  # before the rewards and prompts load
+    rewards = load_rewards(
+        options.rewards, sampling.reward_weights, options.trust_remote_code, sampling.reward_quantize
+    )
     prompts = read_prompts([str(p) for p in options.prompts], recipe.data)
     eval_prompts = read_prompts([str(p) for p in options.eval_prompts], recipe.data) if options.eval_prompts else []
     folder = Path(options.output_dir)
@@ -232,9 +248,10 @@ def _start_state(folder: Path, options: IterateOptions) -> dict:
         raise UserError(f"{path}: unreadable; the folder is damaged, pick another --output-dir") from None
     saved, now = state.get("settings", {}), options.settings()
     for key, value in now.items():
-        if key != "rounds" and saved.get(key) != value:
+        before = saved.get(key, SETTINGS_BEFORE.get(key))
+        if key != "rounds" and before != value:
             raise UserError(
-                f"--resume: {key} was {saved.get(key)!r} in {folder}, and this run asks for {value!r}; resume with "
+                f"--resume: {key} was {before!r} in {folder}, and this run asks for {value!r}; resume with "
                 "the same settings (only --rounds may change)"
             )
     state["settings"] = now

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 import time
@@ -43,9 +42,10 @@ from dpo_cli.online.generation import (
     sample_seed,
     token_limit,
 )
-from dpo_cli.online.pairing import PAIRINGS, PairingCounts, pair_samples
+from dpo_cli.online.pairing import PairingCounts, pair_samples
 from dpo_cli.online.prompts import Prompt, prompts_fingerprint, read_prompts
 from dpo_cli.online.rewards import RewardSet, load_rewards
+from dpo_cli.online.sampling_options import SamplingOptions
 from dpo_cli.output_folder import check_folder_is_ours, claimed_folder, is_within, local_folder
 
 CANDIDATES = "candidates.jsonl"
@@ -60,43 +60,18 @@ class SampleOptions:
     prompts: list[Path]
     rewards: list[str]
     output_dir: Path
-    num_samples: int = 4
+    sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
     adapter: Path | None = None
     overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
     """Recipe settings from the flags and --set: model.path, model.quantize, the data reading keys."""
-    reward_weights: list[float] = dataclasses.field(default_factory=list)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0
-    batch_size: int = 32
-    """Sequences (prompts x samples) generated together."""
-    pairing: str = "max-min"
-    min_margin: float = 0.0
-    missing_eos_penalty: float = 0.0
-    reward_quantize: bool = False
     trust_remote_code: bool = False
 
-    def check(self) -> None:
-        if self.num_samples < 2:
-            raise UserError(f"--num-samples {self.num_samples}: a pair needs at least 2 samples per prompt")
-        if self.pairing not in PAIRINGS:
-            raise UserError(f"--pairing {self.pairing}: unknown; use one of {', '.join(PAIRINGS)}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise UserError(f"--temperature {self.temperature}: must be a positive number (1.0 samples the model)")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.max_new_tokens <= 0:
-            raise UserError(f"--max-new-tokens {self.max_new_tokens}: must be positive")
-        if self.batch_size <= 0:
-            raise UserError(f"--batch-size {self.batch_size}: must be positive")
-        if not (self.min_margin >= 0 and math.isfinite(self.min_margin)):
-            raise UserError(f"--min-margin {self.min_margin}: must be 0 or a positive number")
-        if not (self.missing_eos_penalty >= 0 and math.isfinite(self.missing_eos_penalty)):
-            raise UserError(f"--missing-eos-penalty {self.missing_eos_penalty}: must be 0 or a positive number")
 
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(self.num_samples, self.max_new_tokens, self.temperature, self.top_p, self.seed)
+def generation_settings(sampling: SamplingOptions) -> SamplingSettings:
+    """What the samples themselves depend on (generation's part of the options)."""
+    return SamplingSettings(
+        sampling.num_samples, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed
+    )
 
 
 @dataclasses.dataclass
@@ -336,10 +311,11 @@ def check_output_dir(options: SampleOptions, model_path: str) -> None:
 
 def run_sample(options: SampleOptions, console: Console, rewards: RewardSet | None = None) -> SampleReport:
     """Sample, score, append, pair; `rewards` already loaded (iterate's) or loaded here from options.rewards."""
-    options.check()
+    sampling = options.sampling
+    sampling.check()
     if rewards is None:
         rewards = load_rewards(
-            options.rewards, options.reward_weights, options.trust_remote_code, options.reward_quantize
+            options.rewards, sampling.reward_weights, options.trust_remote_code, sampling.reward_quantize
         )
     recipe = recipe_from_dict(options.overrides)
     check_output_dir(options, recipe.model.path)
@@ -359,35 +335,35 @@ def run_sample(options: SampleOptions, console: Console, rewards: RewardSet | No
         "prompts": prompts_fingerprint(prompts),
         "rewards": rewards.names,
         "reward_weights": rewards.weights,
-        **dataclasses.asdict(options.sampling()),
-        "batch_size": options.batch_size,
+        **dataclasses.asdict(generation_settings(sampling)),
+        "batch_size": sampling.batch_size,
     }
     with claimed_folder(options.output_dir, KIND, "--output-dir") as folder:
         check_settings(folder, settings)
         write_text_atomic(folder / SETTINGS, json.dumps(settings, indent=2) + "\n")
-        rows = read_candidates(folder / CANDIDATES, options.num_samples)
+        rows = read_candidates(folder / CANDIDATES, sampling.num_samples)
         done = {row["prompt_number"] for row in rows}
-        plan = batch_plan([len(i) for i in ids], options.num_samples, options.batch_size)
+        plan = batch_plan([len(i) for i in ids], sampling.num_samples, sampling.batch_size)
         todo = [batch for batch in plan if not set(batch) <= done]
-        with sampling_progress(console, len(prompts) * options.num_samples, len(done) * options.num_samples) as tick:
+        with sampling_progress(console, len(prompts) * sampling.num_samples, len(done) * sampling.num_samples) as tick:
             for batch in todo:
-                new_rows = sample_prompts(policy, prompts, batch, ids, options.sampling(), rewards)
+                new_rows = sample_prompts(policy, prompts, batch, ids, generation_settings(sampling), rewards)
                 append_rows(folder / CANDIDATES, new_rows)
                 rows.extend(new_rows)
                 tick(len(new_rows))
         fsync_folder(folder)
-        report = write_pairs(folder, rows, options, len(prompts))
+        report = write_pairs(folder, rows, sampling, len(prompts))
         report.resumed_prompts = len(done)
     return report
 
 
-def write_pairs(folder: Path, rows: list[dict], options: SampleOptions, prompts: int) -> SampleReport:
+def write_pairs(folder: Path, rows: list[dict], sampling: SamplingOptions, prompts: int) -> SampleReport:
     pairs, counts = pairs_from_candidates(
-        rows, options.pairing, options.min_margin, options.missing_eos_penalty, options.seed
+        rows, sampling.pairing, sampling.min_margin, sampling.missing_eos_penalty, sampling.seed
     )
     summary = summarize(rows, counts, prompts)
     summary.update(
-        pairing=options.pairing, min_margin=options.min_margin, missing_eos_penalty=options.missing_eos_penalty
+        pairing=sampling.pairing, min_margin=sampling.min_margin, missing_eos_penalty=sampling.missing_eos_penalty
     )
     write_text_atomic(folder / PAIRS, "".join(json_line(pair) + "\n" for pair in pairs))
     write_text_atomic(folder / SUMMARY, json.dumps(summary, indent=2) + "\n")

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dpo_cli.config import reference_adapter_of
 from dpo_cli.data.split import SplitRequest
 from dpo_cli.data.templates import template_file
 from dpo_cli.errors import UserError
@@ -213,7 +214,7 @@ def run_eval(options: EvalOptions, console: Console) -> EvalReport:
         )
     result = {
         "adapter": str(adapter.path),
-        "reference": f"base + {reference_copy_of(adapter.path)}" if recipe.model.from_adapter else "the base",
+        "reference": f"base + {reference_copy_of(adapter.path)}" if reference_adapter_of(recipe.model) else "the base",
         "model": adapter.base_path,
         "data": paths,
         "max_length": max_length,

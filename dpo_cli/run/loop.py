@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from dpo_cli.config import RECIPE_FILENAME, Recipe
+from dpo_cli.config import RECIPE_FILENAME, Recipe, reference_adapter_of
 from dpo_cli.errors import UserError
 from dpo_cli.files import disk_full_as_user_error
 from dpo_cli.model.load import trainable_parameters
@@ -240,9 +240,10 @@ def train(
                 run.output_dir.mkdir(parents=True, exist_ok=True)
                 with disk_full_as_user_error(str(run.output_dir / RECIPE_FILENAME), "rerun"):
                     recipe.save(run.output_dir / RECIPE_FILENAME)
-                if recipe.model.from_adapter:  # eval and the model card find the reference here, wherever it goes
+                reference = reference_adapter_of(recipe.model)
+                if reference:  # eval and the model card find the reference here, wherever the folder goes
                     with disk_full_as_user_error(str(run.output_dir / REFERENCE_COPY), "rerun"):
-                        save_reference_copy(Path(recipe.model.from_adapter), run.output_dir)
+                        save_reference_copy(Path(reference), run.output_dir)
             return fit(run, default_callbacks(run, console, command))
         finally:
             run.metrics_log.close()  # finishes the trackers' runs, after Ctrl-C or divergence too

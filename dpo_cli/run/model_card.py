@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from dpo_cli.config import RECIPE_FILENAME, REFERENCE_COPY, read_recipe_file
+from dpo_cli.config import RECIPE_FILENAME, REFERENCE_COPY, REFERENCE_IS_BASE, read_recipe_file
 from dpo_cli.data.cache import file_fingerprint
 from dpo_cli.files import write_text_atomic
 from dpo_cli.run.report import REPORT_FILE
@@ -147,9 +147,18 @@ def _metrics_table(records: list[dict], names: tuple[str, ...] = CARD_METRICS) -
 
 
 def _reference_sentence(recipe: dict) -> str:
-    start = (recipe.get("model") or {}).get("from_adapter")
-    if not start:
-        return "The reference policy was the base itself (the adapter switched off)."
+    model = recipe.get("model") or {}
+    start, reference = model.get("from_adapter"), model.get("reference_adapter")
+    if reference == REFERENCE_IS_BASE or (not start and not reference):
+        started = f" The run started from the adapter `{start}` (`model.from_adapter`)." if start else ""
+        return f"The reference policy was the bare base (every adapter switched off).{started}"
+    if reference and reference != start:
+        began = f"began as a copy of `{start}` (`model.from_adapter`)" if start else "began at the base"
+        return (
+            f"This adapter {began}; the reference policy was the base with the adapter `{reference}` "
+            f"(`model.reference_adapter`), frozen (a copy is in `{REFERENCE_COPY}/` beside this file). This adapter "
+            "holds the whole policy: base + this adapter is the aligned model."
+        )
     return (
         f"The run started from the adapter `{start}` (`model.from_adapter`): this adapter began as a copy of it, and "
         f"the reference policy was the base with that adapter, frozen (a copy is in `{REFERENCE_COPY}/` beside this "

@@ -14,9 +14,14 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from dpo_cli.config import Recipe
+from dpo_cli.config import Recipe, reference_adapter_of
 from dpo_cli.errors import UserError, shown
 from dpo_cli.model.reference_adapter import adapter_content_sha256
+
+REFERENCE_SETTING = "reference"
+"""The fixed setting of what the reference policy is: [[adapter path, content hash]], or [] for the bare base; by
+content, so `model.reference_adapter` unset and set to the same adapter as model.from_adapter are the same setting.
+A checkpoint saved before it existed is not checked on it (its model.from_adapter was the reference)."""
 
 FIXED = {
     "model": ("path", "quantize", "compute_dtype", "from_adapter"),
@@ -55,7 +60,7 @@ process's size, so a resumed run with another number of processes reads on from 
 (batch x grad_accum x processes) is the new one, printed at start."""
 
 
-CONTENT_KEYS = ("data.train", "data.chat_template", "model.from_adapter")
+CONTENT_KEYS = ("data.train", "data.chat_template", "model.from_adapter", REFERENCE_SETTING)
 """Fixed settings compared by content (a sha256), not by path: the same file moved is the same setting."""
 
 
@@ -115,6 +120,7 @@ def fixed_settings(recipe: Recipe) -> dict:
     values["data.train"] = _file_contents(recipe.data.train)
     values["data.chat_template"] = _chat_template_contents(recipe.data.chat_template)
     values["model.from_adapter"] = _adapter_content(recipe.model.from_adapter)
+    values[REFERENCE_SETTING] = _adapter_content(reference_adapter_of(recipe.model))
     return values
 
 
@@ -125,7 +131,7 @@ def changeable_settings(recipe: Recipe) -> dict:
 def _describe(key: str, value) -> str:
     if key in CONTENT_KEYS:
         files = [f"{path} [content {digest[:8] if digest else 'unreadable'}]" for path, digest in value]
-        return ", ".join(files) or "none"
+        return ", ".join(files) or ("the bare base" if key == REFERENCE_SETTING else "none")
     return repr(value)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from dpo_cli.config import Recipe
+from dpo_cli.config import Recipe, reference_adapter_of
 from dpo_cli.data.split import training_requests
 from dpo_cli.data.templates import template_file
 from dpo_cli.dpo.layouts import SFT_LAYOUTS, token_budget_batches
@@ -39,7 +39,7 @@ from dpo_cli.model.load import (
     scoring_model,
     trainable_parameters,
 )
-from dpo_cli.model.reference_adapter import check_start_adapter, start_from_adapter
+from dpo_cli.model.reference_adapter import add_reference_adapter, check_start_adapter, start_from_adapter
 from dpo_cli.output_folder import check_folder_is_ours, check_placeable, is_within
 from dpo_cli.run import distributed, interrupts, sharding
 from dpo_cli.run.checkpoint import (
@@ -188,9 +188,11 @@ def check_output_dir(recipe: Recipe) -> Path:
     for path in (*recipe.data.train, *recipe.data.eval, template_file(recipe.data.chat_template)):
         if path and is_within(path, output_dir):
             raise UserError(f"--output-dir {output_dir}: holds the input file {path}; pick a folder of its own")
-    start = recipe.model.from_adapter
-    if start and (is_within(start, output_dir) or is_within(output_dir, start)):
-        raise UserError(f"--output-dir {output_dir}: is or holds --from-adapter {start}; pick a folder of its own")
+    reference = reference_adapter_of(recipe.model)
+    adapters = (("--from-adapter", recipe.model.from_adapter), ("--reference-adapter", reference))
+    for flag, adapter in adapters:
+        if adapter and (is_within(adapter, output_dir) or is_within(output_dir, adapter)):
+            raise UserError(f"--output-dir {output_dir}: is or holds {flag} {adapter}; pick a folder of its own")
     check_folder_is_ours(output_dir, "train", "--output-dir", " or an earlier train run's; pick another --output-dir")
     return output_dir
 
@@ -277,8 +279,11 @@ def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: 
         recipe.lora,
         recipe.model.gradient_checkpointing,
     )
-    if recipe.model.from_adapter:  # the policy starts as that adapter, which (frozen) is also the reference
-        start_from_adapter(model, Path(recipe.model.from_adapter), recipe.model.path)
+    reference = Path(reference_adapter_of(recipe.model)) if reference_adapter_of(recipe.model) else None
+    if recipe.model.from_adapter:  # the policy starts as that adapter; the reference is by default the same one
+        start_from_adapter(model, Path(recipe.model.from_adapter), recipe.model.path, reference)
+    elif reference:  # a fresh policy (the base) against an adapter's reference
+        add_reference_adapter(model, reference, base_path=recipe.model.path)
     model.train()
     if recipe.model.compile:
         console.print(f"compiling {compile_decoder_layers(model)} decoder layers (torch.compile, on the first steps)")
@@ -317,13 +322,18 @@ def build_run(
     console = console or Console()
     device = run_device(recipe)
     distributed.start(device)  # first: every later refusal then ends a rank its peers see fail at once
-    sharding.check_sharding(recipe.training.sharding, recipe.model.quantize, recipe.model.from_adapter)
+    sharding.check_sharding(
+        recipe.training.sharding, recipe.model.quantize, recipe.model.from_adapter or reference_adapter_of(recipe.model)
+    )
     if recipe.model.trust_remote_code and not trust_remote_code:
         console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")
     recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted
     output_dir = Path(recipe.training.output_dir)
     if recipe.model.from_adapter:  # before the resume check hashes it, and before any model loads
         check_start_adapter(Path(recipe.model.from_adapter), recipe.lora, recipe.model.path)
+    reference = reference_adapter_of(recipe.model)
+    if reference and reference != recipe.model.from_adapter:
+        check_start_adapter(Path(reference), recipe.lora, recipe.model.path, "--reference-adapter")
     resumed, saved, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
     objective = objective_for(recipe)
     asked_layout = _layout_asked(recipe, objective)

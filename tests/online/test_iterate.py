@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_cli_inprocess, run_cli_subprocess
 from tests.online.test_sample import REWARD_PY  # the same reward, which can kill its process at the N-th call
+from tests.run.test_from_adapter import LOG_2
 
 # Counts its calls (one per prompt, in sampling and in eval); with KILL_AT set, SIGKILLs its process at that call.
 
@@ -97,3 +99,66 @@ def test_a_reward_named_only_in_the_recipe_is_not_run(capsys, setup, tmp_path):
         f"error: {recipe}: names the reward {setup['reward']!r}; a reward is code and runs only when named on the "
         "command line: pass --reward SPEC if you trust it"
     )
+
+
+def _first_loss(run_dir) -> float:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(record["loss"] for record in records if "loss" in record)
+
+
+def test_reference_initial_keeps_round_ones_reference(capsys, setup, tmp_path):
+    """--reference initial from an adapter: round 2 starts from round 1's adapter and refers to the starting one
+    (its reference-adapter/ is that adapter, byte for byte), so its step 1 is not log 2; from the base, round 2
+    refers to the bare base. A --resume that changes --reference is one line."""
+    from dpo_cli.config import LoraSection
+    from dpo_cli.model.reference_adapter import adapter_content_sha256
+    from tests.run.test_from_adapter import make_adapter
+
+    lora = LoraSection(target_modules=["q_proj", "v_proj"])
+    start = make_adapter(setup["model"], tmp_path / "start", lora)
+    out = tmp_path / "initial"
+    targets = "--set", "lora.target_modules=[q_proj, v_proj]"
+    args = iterate_args(setup, out, "--reference", "initial", "--set", f"model.from_adapter={start}", *targets)
+    code, _, err = run_cli_inprocess(capsys, *args)
+    assert code == 0, err
+    for number in ("01", "02"):
+        assert adapter_content_sha256(out / f"round-{number}" / "run" / "reference-adapter") == (
+            adapter_content_sha256(start)
+        )
+    assert _first_loss(out / "round-01" / "run") == pytest.approx(LOG_2, abs=1e-6)
+    assert abs(_first_loss(out / "round-02" / "run") - LOG_2) > 1e-4, "round 2's policy is not its reference"
+
+    refused = run_cli_inprocess(capsys, *iterate_args(setup, out, "--reference", "previous", "--resume", *args[-4:]))
+    assert refused[0] == 2 and len(refused[2].strip().splitlines()) == 1, refused[2]
+    assert "--resume: reference was 'initial'" in refused[2]
+
+    from_base = tmp_path / "from-base"
+    code, _, err = run_cli_inprocess(capsys, *iterate_args(setup, from_base, "--reference", "initial"))
+    assert code == 0, err
+    round_two = from_base / "round-02" / "run"
+    assert not (round_two / "reference-adapter").exists()
+    assert "reference_adapter: base" in (round_two / "recipe.yaml").read_text()
+    assert abs(_first_loss(round_two) - LOG_2) > 1e-4
+
+
+def test_an_unknown_reference_is_one_line(capsys, setup, tmp_path):
+    code, _, err = run_cli_inprocess(capsys, *iterate_args(setup, tmp_path / "out", "--reference", "first"))
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert err.strip() == "error: --reference 'first': must be one of previous, initial"
+
+
+def test_a_state_file_from_before_reference_resumes_as_previous(tmp_path):
+    """State files written before --reference existed hold no `reference`: they ran `previous`, and resume so."""
+    from dpo_cli.errors import UserError
+    from dpo_cli.online.iterate import STATE, IterateOptions, _start_state
+
+    options = IterateOptions(recipe=None, prompts=[tmp_path / "p.jsonl"], rewards=["r.py:f"], output_dir=tmp_path,
+                             rounds=2, resume=True)  # fmt: skip
+    settings = options.settings()
+    assert settings["reference"] == "previous" and settings["sample_batch_size"] == 32
+    del settings["reference"]
+    (tmp_path / STATE).write_text(json.dumps({"settings": settings, "rounds": []}))
+    assert _start_state(tmp_path, options)["settings"]["reference"] == "previous"
+    (tmp_path / STATE).write_text(json.dumps({"settings": settings, "rounds": []}))
+    with pytest.raises(UserError, match="--resume: reference was 'previous'.*asks for 'initial'"):
+        _start_state(tmp_path, dataclasses.replace(options, reference="initial"))

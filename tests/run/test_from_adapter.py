@@ -204,7 +204,7 @@ def test_the_reference_cache_fingerprint_is_the_adapters_content(stories_model, 
     def entry(adapter: Path | None):
         model = add_lora(load_base_model(recipe.model, torch.device("cpu")), recipe.lora, False)
         if adapter is not None:
-            start_from_adapter(model, adapter, recipe.model.path)
+            start_from_adapter(model, adapter, recipe.model.path, adapter)
         return reference_cache(recipe, model, "pairs-key", 12)
 
     bare, first, second, copy = entry(None), entry(sft_adapter), entry(other), entry(moved)
