@@ -315,7 +315,7 @@ def build_run(
     console = console or Console()
     device = run_device(recipe)
     distributed.start(device)  # first: every later refusal then ends a rank its peers see fail at once
-    sharding.check_sharding(recipe.training.sharding, recipe.model.quantize, recipe.model.from_adapter)
+    sharding.check_sharding(recipe.training.sharding, recipe.model.quantize)
     if recipe.model.trust_remote_code and not trust_remote_code:
         console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")
     recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted

@@ -14,6 +14,10 @@ through the backbone's FSDP hooks without any wrapper. The LM head is not sharde
 (frozen, identical everywhere; with tied embeddings it keeps the whole embedding matrix, whose sharded copy serves
 the backbone).
 
+Loading: only the main process (rank 0) loads the base; the others build it on the meta device and take rank 0's
+quantization states (`load_base`), so no process but rank 0 ever holds the whole base, and `shard` sends each process
+its slice of every weight. The reference log-probs precomputed before sharding are rank 0's too (`from_main_process`).
+
 Everything FSDP changes for the rest of the run is here: `shard` (the wrapping), `full_tensor` / `full_adapter_state`
 / `full_optimizer_state` (the whole adapter and optimizer state, gathered for a checkpoint that any world size and
 either sharding can resume), `load_adapter_state` / `load_optimizer_state` (a full state sliced back in),
@@ -35,15 +39,10 @@ MIN_BITSANDBYTES = (0, 43, 0)
 """The first bitsandbytes whose 4-bit weights can be stored in a float dtype (`bnb_4bit_quant_storage`)."""
 
 
-def check_sharding(sharding: str, quantize: bool, from_adapter: str | None = None) -> None:
+def check_sharding(sharding: str, quantize: bool) -> None:
     """Refuses `--sharding fsdp` where it cannot work, in one line, before any model is loaded."""
     if sharding != "fsdp":
         return
-    if from_adapter:  # its reference pass switches PEFT adapters, which flips requires_grad on sharded parameters
-        raise UserError(
-            "--sharding fsdp with --from-adapter: not supported yet (the frozen reference adapter has not been "
-            "tested sharded); use --sharding ddp, or run without --from-adapter"
-        )
     if not distributed.is_distributed():
         raise UserError(
             "--sharding fsdp: shards the model over the processes of a launcher, and this is one process (no "
