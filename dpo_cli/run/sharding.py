@@ -177,11 +177,13 @@ def _broadcast_tensor_dicts(dicts: list[dict[str, torch.Tensor]] | None, device:
 
 def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Shards `model` (a PEFT model; whole in the main process, a skeleton in the others: load_base) in place
-    over this job's processes: each decoder layer, then the backbone; then each process receives its slice of every
-    weight, and the whole of what stays unsharded (the LM head, buffers), from the main process.
+    over this job's processes: each decoder layer, then the backbone; after each, every process receives from the
+    main process its slice of the weights just sharded (and, last, the whole of what stays unsharded: the LM head,
+    buffers).
     Returns the backbone, the root FSDP unit. The optimizer must be built after this (the parameters are new)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     from dpo_cli.model.load import backbone_and_head
 
@@ -198,34 +200,45 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
             "in every process); drop it from lora.target_modules or use --sharding ddp"
         )
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
-    main = distributed.is_main_process()
-    whole = dict(_named_tensors(model)) if main else None  # held until sent: fully_shard keeps only a slice
     with distributed.peer_failures_as_user_error():
-        for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(backbone, mesh=mesh)
-        if not main:
-            model.to_empty(device=device)  # storage for its slices and its own copy of the rest, filled below
-        _fill_from_main_process(model, whole)
+        for layer in layers:  # one at a time, so that rank 0 frees each layer's whole weights once they are sent
+            _shard_from_main_process(layer, _names(layer), lambda layer=layer: fully_shard(layer, mesh=mesh), device)
+        rest = {name for name, tensor in _named_tensors(model) if not isinstance(tensor, DTensor)}
+        _shard_from_main_process(model, rest, lambda: fully_shard(backbone, mesh=mesh), device)
     return backbone
 
 
-def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def _named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Every parameter and buffer, in the same order in every process (the model's own). A tied weight comes under
     each of its names: sharding the backbone unties its copy from the LM head's."""
-    yield from model.named_parameters(remove_duplicate=False)
-    yield from model.named_buffers(remove_duplicate=False)
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
 
 
-def _fill_from_main_process(model: torch.nn.Module, whole: dict[str, torch.Tensor] | None) -> None:
-    """Every process's parameters and buffers from the main process's whole values (`whole`, None elsewhere):
-    a sharded one gets its slice, anything else the whole value. One tensor is broadcast at a time, so the other
-    processes never hold more than one whole weight."""
+def _names(module: torch.nn.Module) -> set[str]:
+    return {name for name, _ in _named_tensors(module)}
+
+
+def _shard_from_main_process(root: torch.nn.Module, names: set[str], wrap: Callable[[], None], device) -> None:
+    """`wrap()` (fully_shard of part of `root`), then the tensors of `root` called `names` filled from the main
+    process's whole values: in the others, which hold them on the meta device until then, a sharded one gets its
+    slice and anything else the whole value. One tensor is broadcast at a time, so the other processes never hold
+    more than one whole weight, and the main process holds the whole of what `wrap` shards only until it is sent."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    main = distributed.is_main_process()
+    whole = {name: tensor for name, tensor in _named_tensors(root) if name in names} if main else None
+    wrap()
+    if not main:  # storage for its slices and its own copy of the rest, filled below
+        for module in root.modules():
+            own = [*module._parameters.values(), *module._buffers.values()]
+            if any(t is not None and local_part(t).device.type == "meta" for t in own):
+                module.to_empty(device=device, recurse=False)
     with torch.no_grad():
-        for name, tensor in _named_tensors(model):
+        for name, tensor in _named_tensors(root):
+            if name not in names:
+                continue
             if whole is not None:
                 value = whole.pop(name).detach()
                 value = value if value.is_contiguous() else value.contiguous()
