@@ -342,7 +342,8 @@ def build_run(
     evaluation = None if eval_pairs is None else (eval_pairs, eval_summary)
     visits_every_pair = total * training.grad_accum * distributed.world_size() >= stream.per_epoch
     # Rank 0 reads or builds the cache entries; the others then find them built and read them (or, when it keeps the
-    # values in memory only, as with an unwritable cache, compute their own, which equal rank 0's).
+    # values in memory only, as with an unwritable cache, compute their own, which equal rank 0's). Under fsdp only
+    # rank 0 holds the whole model (sharding.load_base): it reads or scores them alone and sends them to the others.
     ref_logps = eval_ref_logps = None
 
     def reference_logps():
