@@ -7,8 +7,9 @@ Builds a synthetic Llama (random weights, stories260K's tokenizer and so its 512
 layers hold nearly all the weights), saves it under --workdir, and runs the real command line (`dpo_cli.cli.main`,
 under `torch.distributed.run` for two processes) for one optimizer step on stories-happy pairs. A callback added to
 the run's own reports, per process: the bytes of the frozen base weights it holds once the run is set up (its
-shard, under fsdp), the peak RSS by then (loading, quantizing and sharding included), the peak RSS at the end, and
-on CUDA the peak of torch's allocations. `--write` appends the table to RESULTS.md.
+shard, under fsdp), the peak RSS by then (loading, quantizing and sharding included), the peak RSS from then to the
+end (the training step and the final save; Linux's VmHWM, reset through /proc/self/clear_refs), and on CUDA the peak
+of torch's allocations. `--write` appends the table to RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -86,7 +86,9 @@ def worker(prefix: str, train_args: list[str]) -> None:
     from dpo_cli.run.callbacks import Callback
 
     def peak_rss() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        """Peak resident memory since the start or the last reset (Linux's VmHWM), in bytes."""
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
 
     class Measure(Callback):
         def on_loop_start(self, run) -> None:
@@ -95,9 +97,10 @@ def worker(prefix: str, train_args: list[str]) -> None:
                 "base_bytes": sum(sharding.local_part(p).numel() * p.element_size() for p in frozen),
                 "peak_rss_setup": peak_rss(),
             }
+            Path("/proc/self/clear_refs").write_text("5")  # the peak from here on is training's alone
 
         def on_end(self, run, result) -> None:
-            self.record["peak_rss_end"] = peak_rss()
+            self.record["peak_rss_training"] = peak_rss()
             if torch.cuda.is_available() and run.device.type == "cuda":
                 self.record["cuda_peak"] = torch.cuda.max_memory_allocated(run.device)
             Path(f"{prefix}{distributed.rank()}").write_text(json.dumps(self.record))
@@ -115,7 +118,7 @@ def table(rows: dict[str, list[dict]], params: int, args) -> str:
         f"{args.intermediate}, vocab 512, untied head), 4-bit NF4, LoRA r16 all-linear, one step of 1 pair at "
         f"max_length 64, {args.device}. Per process (rank 0 / rank 1):",
         "",
-        "| run | base weights held | peak RSS after setup (load, quantize, shard) | peak RSS at the end |"
+        "| run | base weights held | peak RSS in setup (load, quantize, shard) | peak RSS in training (after setup) |"
         + (" CUDA peak |" if cuda else "")
         + " wall s |",
         "|---|---|---|---|" + ("---|" if cuda else "") + "---|",
@@ -125,7 +128,7 @@ def table(rows: dict[str, list[dict]], params: int, args) -> str:
         def each(key: str, ranks=ranks) -> str:
             return " / ".join(f"{rank[key] / MIB:,.0f} MiB" for rank in ranks)
 
-        cells = [name, each("base_bytes"), each("peak_rss_setup"), each("peak_rss_end")]
+        cells = [name, each("base_bytes"), each("peak_rss_setup"), each("peak_rss_training")]
         if cuda:
             cells.append(each("cuda_peak"))
         cells.append(f"{ranks[0]['seconds']:.0f}")

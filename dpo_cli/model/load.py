@@ -111,13 +111,18 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_base_model(
-    config: ModelSection, device: torch.device, trust_remote_code: bool = False, shardable: bool = False
+    config: ModelSection,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    shardable: bool = False,
+    skeleton: bool = False,
 ):
     """The frozen base: NF4 4-bit with double quantization, or plain weights in the compute dtype.
 
     `trust_remote_code` comes from the command line; `config.trust_remote_code` (a recipe key) is never read.
     `shardable` stores the 4-bit weights in the compute dtype instead of uint8 (the same values), so that FSDP can
-    shard them (run/sharding.py).
+    shard them (run/sharding.py). `skeleton` builds the same modules on the meta device without reading a weight
+    (the processes other than the first under `--sharding fsdp`, which run/sharding.py fills with their slices).
     """
     from transformers import BitsAndBytesConfig
 
@@ -134,8 +139,10 @@ def load_base_model(
             bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
         )
         kwargs["device_map"] = {"": device}
+    if skeleton:  # the compute dtype above still follows the real device
+        kwargs.update(device_map={"": "meta"}, use_kernels=False)  # the kernels library refuses the meta device
     model = load_pretrained(config.path, **kwargs)
-    if not config.quantize:
+    if not config.quantize and not skeleton:
         model.to(device)
     _disable_bnb_cpu_repacking(model)
     _disable_dropout(model)
@@ -171,7 +178,8 @@ def load_pretrained(path: str, **kwargs):
             "convert some of them into it: other shapes or missing parts); the config does not describe these weights"
         ) from None
     check_loading_info(path, loading_info)
-    check_weights_finite(path, model)
+    if kwargs.get("device_map") != {"": "meta"}:  # a skeleton has no values to check
+        check_weights_finite(path, model)
     return model
 
 

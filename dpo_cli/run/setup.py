@@ -273,9 +273,9 @@ def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console)
 
 
 def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: Console, asked_layout: str):
-    shardable = recipe.training.sharding == "fsdp"
+    load = sharding.load_base if recipe.training.sharding == "fsdp" else load_base_model  # whole in rank 0 only
     model = add_lora(
-        load_base_model(recipe.model, device, trust_remote_code, shardable),
+        load(recipe.model, device, trust_remote_code),
         recipe.lora,
         recipe.model.gradient_checkpointing,
     )
@@ -322,9 +322,7 @@ def build_run(
     console = console or Console()
     device = run_device(recipe)
     distributed.start(device)  # first: every later refusal then ends a rank its peers see fail at once
-    sharding.check_sharding(
-        recipe.training.sharding, recipe.model.quantize, recipe.model.from_adapter or reference_adapter_of(recipe.model)
-    )
+    sharding.check_sharding(recipe.training.sharding, recipe.model.quantize)
     if recipe.model.trust_remote_code and not trust_remote_code:
         console.print(f"[yellow]{IGNORED_RECIPE_TRUST}[/yellow]")
     recipe.model.trust_remote_code = trust_remote_code  # the saved recipe records what this command granted
@@ -354,23 +352,24 @@ def build_run(
     evaluation = None if eval_pairs is None else (eval_pairs, eval_summary)
     visits_every_pair = total * training.grad_accum * distributed.world_size() >= stream.per_epoch
     # Rank 0 reads or builds the cache entries; the others then find them built and read them (or, when it keeps the
-    # values in memory only, as with an unwritable cache, compute their own, which equal rank 0's).
+    # values in memory only, as with an unwritable cache, compute their own, which equal rank 0's). Under fsdp only
+    # rank 0 holds the whole model (sharding.load_base): it reads or scores them alone and sends them to the others.
     ref_logps = eval_ref_logps = None
-    with distributed.main_process_first():
-        if objective.uses_reference:
-            ref_logps, eval_ref_logps = training_reference_logps(
-                recipe,
-                model,
-                layout,
-                tokenizer.pad_token_id,
-                (train_pairs, summary),
-                evaluation,
-                visits_every_pair,
-                console,
-            )
+
+    def reference_logps():
+        return training_reference_logps(
+            recipe, model, layout, tokenizer.pad_token_id, (train_pairs, summary), evaluation, visits_every_pair,
+            console,
+        )  # fmt: skip
+
     sharded = None
-    if recipe.training.sharding == "fsdp":  # after the reference pass (whole model, no collectives), before AdamW
+    if recipe.training.sharding == "fsdp":  # the whole model is rank 0's: it scores, then shards, before AdamW
+        if objective.uses_reference:
+            ref_logps, eval_ref_logps = sharding.from_main_process(reference_logps, device)
         sharded = sharding.shard(model, device)
+    elif objective.uses_reference:
+        with distributed.main_process_first():
+            ref_logps, eval_ref_logps = reference_logps()
     optimizer, scheduler, multiplier = _optimizer_and_schedule(recipe, model, total)
     state = TrainerState(
         step=0,

@@ -14,6 +14,10 @@ through the backbone's FSDP hooks without any wrapper. The LM head is not sharde
 (frozen, identical everywhere; with tied embeddings it keeps the whole embedding matrix, whose sharded copy serves
 the backbone).
 
+Loading: only the main process (rank 0) loads the base; the others build it on the meta device and take rank 0's
+quantization states (`load_base`), so no process but rank 0 ever holds the whole base, and `shard` sends each process
+its slice of every weight. The reference log-probs precomputed before sharding are rank 0's too (`from_main_process`).
+
 Everything FSDP changes for the rest of the run is here: `shard` (the wrapping), `full_tensor` / `full_adapter_state`
 / `full_optimizer_state` (the whole adapter and optimizer state, gathered for a checkpoint that any world size and
 either sharding can resume), `load_adapter_state` / `load_optimizer_state` (a full state sliced back in),
@@ -24,7 +28,7 @@ reduction per step, as DDP's `no_sync`) and `eval_batches` (every process runs a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -35,15 +39,10 @@ MIN_BITSANDBYTES = (0, 43, 0)
 """The first bitsandbytes whose 4-bit weights can be stored in a float dtype (`bnb_4bit_quant_storage`)."""
 
 
-def check_sharding(sharding: str, quantize: bool, from_adapter: str | None = None) -> None:
+def check_sharding(sharding: str, quantize: bool) -> None:
     """Refuses `--sharding fsdp` where it cannot work, in one line, before any model is loaded."""
     if sharding != "fsdp":
         return
-    if from_adapter:  # its reference pass switches PEFT adapters, which flips requires_grad on sharded parameters
-        raise UserError(
-            "--sharding fsdp with --from-adapter: not supported yet (the frozen reference adapter has not been "
-            "tested sharded); use --sharding ddp, or run without --from-adapter"
-        )
     if not distributed.is_distributed():
         raise UserError(
             "--sharding fsdp: shards the model over the processes of a launcher, and this is one process (no "
@@ -85,11 +84,106 @@ def decoder_layers(backbone: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def load_base(config, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The base to shard, held whole by the main process only: it loads it (4-bit, stored in the compute dtype);
+    every other process builds the same modules on the meta device without reading a weight, and takes the main
+    process's quantization states (absmax and the like, about 1/32 of the 4-bit weights), so that its 4-bit
+    layers are those of the main process. `shard` then sends each process its slice of every weight."""
+    from dpo_cli.model.load import load_base_model
+
+    main = distributed.is_main_process()
+    model = load_base_model(config, device, trust_remote_code, shardable=True, skeleton=not main)
+    if config.quantize:
+        with distributed.peer_failures_as_user_error():
+            _share_quantization_states(model, device)
+    return model
+
+
+def _share_quantization_states(model: torch.nn.Module, device: torch.device) -> None:
+    """Gives every 4-bit layer of a skeleton (load_base) the main process's packed weight shape and quantization
+    state. bitsandbytes reads the state from the module again once FSDP has swapped the weight for its own."""
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    main = distributed.is_main_process()
+    weights = [(tuple(layer.weight.shape), layer.weight.dtype) if main else None for layer in layers]
+    weights = _broadcast_objects(weights)
+    states = _broadcast_tensor_dicts(
+        [layer.weight.quant_state.as_dict(packed=True) for layer in layers] if main else None, device
+    )
+    if main:
+        return
+    for layer, (shape, dtype), state in zip(layers, weights, states, strict=True):
+        quant_state = QuantState.from_dict(state, device=device)
+        layer.weight = Params4bit(
+            torch.empty(shape, dtype=dtype, device="meta"),
+            requires_grad=False,
+            quant_state=quant_state,
+            blocksize=quant_state.blocksize,
+            compress_statistics=quant_state.nested,
+            quant_type=quant_state.quant_type,
+            quant_storage=dtype,
+            module=layer,
+            bnb_quantized=True,
+        )
+        layer.quant_state = quant_state
+
+
+def from_main_process(
+    compute: Callable[[], tuple[torch.Tensor | None, ...]], device: torch.device
+) -> tuple[torch.Tensor | None, ...]:
+    """`compute()` (CPU tensors or None) run by the main process alone, which holds the whole model before `shard`;
+    the others receive its values (the reference log-probs: no process but the first can score, or read a cache
+    entry that only the first could write)."""
+    main = distributed.is_main_process()
+    values = compute() if main else None
+    with distributed.peer_failures_as_user_error():
+        shared = _broadcast_tensor_dicts(
+            None if values is None else [{} if value is None else {"value": value} for value in values], device
+        )
+    return tuple(part["value"].cpu() if part else None for part in shared)  # where the reference keeps them
+
+
+def _broadcast_objects(values: list):
+    """The main process's list of small plain values (shapes, dtypes, names), in every process."""
+    import torch.distributed as dist
+
+    holder = [values]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _broadcast_tensor_dicts(dicts: list[dict[str, torch.Tensor]] | None, device: torch.device) -> list[dict]:
+    """The main process's list of {name: tensor}, in every process on `device`: the names, shapes and dtypes as
+    plain values, then each tensor by a broadcast of its own (no tensor is pickled)."""
+    import torch.distributed as dist
+
+    layout = _broadcast_objects(
+        None if dicts is None else [{key: (tuple(v.shape), v.dtype) for key, v in d.items()} for d in dicts]
+    )
+    received = []
+    for index, shapes in enumerate(layout):
+        values = {}
+        for key, (shape, dtype) in shapes.items():
+            value = dicts[index][key].to(device).contiguous() if dicts is not None else None
+            if value is None:
+                value = torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(value, src=0)
+            values[key] = value
+        received.append(values)
+    return received
+
+
 def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Shards `model` (a PEFT model) in place over this job's processes: each decoder layer, then the backbone.
+    """Shards `model` (a PEFT model; whole in the main process, a skeleton in the others: load_base) in place
+    over this job's processes: each decoder layer, then the backbone; after each, every process receives from the
+    main process its slice of the weights just sharded (and, last, the whole of what stays unsharded: the LM head,
+    buffers).
     Returns the backbone, the root FSDP unit. The optimizer must be built after this (the parameters are new)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     from dpo_cli.model.load import backbone_and_head
 
@@ -107,10 +201,57 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         )
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
     with distributed.peer_failures_as_user_error():
-        for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(backbone, mesh=mesh)
+        for layer in layers:  # one at a time, so that rank 0 frees each layer's whole weights once they are sent
+            _shard_from_main_process(layer, _names(layer), lambda layer=layer: fully_shard(layer, mesh=mesh), device)
+        rest = {name for name, tensor in _named_tensors(model) if not isinstance(tensor, DTensor)}
+        _shard_from_main_process(model, rest, lambda: fully_shard(backbone, mesh=mesh), device)
     return backbone
+
+
+def _named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer, in the same order in every process (the model's own). A tied weight comes under
+    each of its names: sharding the backbone unties its copy from the LM head's."""
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def _names(module: torch.nn.Module) -> set[str]:
+    return {name for name, _ in _named_tensors(module)}
+
+
+def _shard_from_main_process(root: torch.nn.Module, names: set[str], wrap: Callable[[], None], device) -> None:
+    """`wrap()` (fully_shard of part of `root`), then the tensors of `root` called `names` filled from the main
+    process's whole values: in the others, which hold them on the meta device until then, a sharded one gets its
+    slice and anything else the whole value. One tensor is broadcast at a time, so the other processes never hold
+    more than one whole weight, and the main process holds the whole of what `wrap` shards only until it is sent."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    main = distributed.is_main_process()
+    whole = {name: tensor for name, tensor in _named_tensors(root) if name in names} if main else None
+    wrap()
+    if not main:  # storage for its slices and its own copy of the rest, filled below
+        for module in root.modules():
+            own = [*module._parameters.values(), *module._buffers.values()]
+            if any(t is not None and local_part(t).device.type == "meta" for t in own):
+                module.to_empty(device=device, recurse=False)
+    with torch.no_grad():
+        for name, tensor in _named_tensors(root):
+            if name not in names:
+                continue
+            if whole is not None:
+                value = whole.pop(name).detach()
+                value = value if value.is_contiguous() else value.contiguous()
+            else:
+                value = torch.empty(tensor.shape, dtype=tensor.dtype, device=local_part(tensor).device)
+            dist.broadcast(value, src=0)
+            if whole is not None:
+                continue  # its own values: the slice fully_shard kept, or the tensor itself
+            if isinstance(tensor, DTensor):
+                value = distribute_tensor(value, tensor.device_mesh, tensor.placements, src_data_rank=None)
+                tensor.to_local().copy_(value.to_local())
+            else:
+                tensor.copy_(value)
 
 
 @contextlib.contextmanager

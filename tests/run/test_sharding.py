@@ -4,10 +4,11 @@ process with the same global batch, and resumed across world sizes and between d
 One torchrun launch (`sharded_runs`) runs every 2-process command one after another (tests/run/ddp_driver.py, as in
 test_distributed.py): `fsdp` (4 steps: live reference with the adapters off, gradient checkpointing, evaluation at
 step 2 and the end with eval shares whose batch counts differ between the ranks), `cache` (token-budget batches, the
-reference precomputed and cached, --layout shared-prompt), `ddp` then `to-fsdp` (2 steps with ddp, resumed with fsdp
-to step 4), and last `sigterm`, which the test stops with SIGTERM to the launcher. Beside them run the 1-process runs
-of the same global batch. Every run uses a constant learning rate, so that a run of 2 steps resumed to 4 meets a run
-of 4.
+reference precomputed and cached, --layout shared-prompt), `ddp` then `to-fsdp` (3 steps with ddp, resumed with fsdp
+to step 4), `from-adapter` (train --from-adapter: the reference is a frozen adapter, scored live), `sft` (dpo-cli sft
+with evaluation), `compile` (--compile), and last `sigterm`, which the test stops with SIGTERM to the launcher.
+Beside them run the 1-process runs of the same global batch. Every run uses a constant learning rate, so that a run
+of 3 steps resumed to 4 meets a run of 4.
 
 Tolerance: 1e-5 on losses, grad norms, eval metrics and adapter weights (log-probs, about 100 in size, to float32's
 relative 1e-7). The sharded gradients are reduce-scattered once per step (after each rank's last micro-batch, as DDP
@@ -90,19 +91,27 @@ def _sigterm_at_step_3(process: subprocess.Popen, log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sharded_runs(stories_model, stories_data, tmp_path_factory):
-    """One launch, five commands on 2 processes, then a sixth stopped by SIGTERM; beside them the 1-process runs of
-    the same global batches."""
+    """One launch, eight commands on 2 processes, the last stopped by SIGTERM; beside them the 1-process runs of the
+    same global batches. (`single` is also the adapter `from-adapter` starts from, and `compile` meets its step 2.)"""
     tmp = tmp_path_factory.mktemp("fsdp")
     model, data = stories_model, stories_data["train"]
     evaluation = _eval_options(stories_data)
-    _single_process(*_args(model, data, tmp / "single", 4, "--grad-accum", 4, *evaluation))
+    keep_all = ["--set", "training.save_total_limit=4"]  # its step 2 is what `compile` is compared with
+    _single_process(*_args(model, data, tmp / "single", 4, "--grad-accum", 4, *evaluation, *keep_all))
     _single_process(*_args(model, data, tmp / "cache-single", 2, *_cache_options(2)))
+    start = ["--from-adapter", str(tmp / "single"), "--set", "model.gradient_checkpointing=true"]
+    _single_process(*_args(model, data, tmp / "from-adapter-single", 2, "--grad-accum", 4, *start))
+    sft_eval = ["--eval-data", str(stories_data["test"])]
+    _single_process(*_args(model, data, tmp / "sft-single", 3, "--grad-accum", 4, *sft_eval), command="sft")
     sigterm = _args(model, data, tmp / "sigterm", 500, "--grad-accum", 1, "--set", "training.save_steps=0", *FSDP)
     jobs = [
         {"args": _args(model, data, tmp / "fsdp", 4, "--grad-accum", 2, *FSDP, *evaluation)},
         {"args": _args(model, data, tmp / "cache", 2, *_cache_options(1), *FSDP)},
         {"args": _args(model, data, tmp / "to-fsdp", 3, "--grad-accum", 2)},
         {"args": _args(model, data, tmp / "to-fsdp", 4, "--grad-accum", 2, "--resume", *FSDP)},
+        {"args": _args(model, data, tmp / "from-adapter", 2, "--grad-accum", 2, *start, *FSDP)},
+        {"args": _args(model, data, tmp / "sft", 3, "--grad-accum", 2, *sft_eval, *FSDP), "command": "sft"},
+        {"args": _args(model, data, tmp / "compile", 2, "--grad-accum", 2, "--compile", *FSDP)},
         {"args": sigterm},
     ]
     for number, job in enumerate(jobs):
@@ -211,9 +220,44 @@ def test_sigterm_stops_every_sharded_rank_before_the_same_step_and_saves_it(shar
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
     assert state["step"] >= 2 and state["micro_batches_done"] == 2 * state["step"], "the last complete step"
     assert [r["step"] for r in _records(tmp / "sigterm")] == list(range(1, state["step"] + 1))
-    ranks = [_log(tmp / "job4.log", rank) for rank in range(PROCESSES)]
+    ranks = [_log(tmp / "job7.log", rank) for rank in range(PROCESSES)]
     assert ranks[0][-1]["step"] == ranks[1][-1]["step"] == state["step"], "both ranks stopped after that step"
     assert load_file(str(checkpoints[0] / "adapter_model.safetensors")), "the gathered adapter"
+
+
+def test_a_sharded_run_from_an_adapter_refers_to_that_adapter_as_one_process_does(sharded_runs):
+    """The reference pass switches the active PEFT adapter to the frozen reference, which flips requires_grad on
+    sharded parameters and back (load._active_adapter); FSDP2 takes the flags again at each gather. Scored live,
+    with gradient checkpointing."""
+    tmp = sharded_runs["tmp"]
+    records, expected = _records(tmp / "from-adapter"), _records(tmp / "from-adapter-single")
+    first = records[0]
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-6) and first["loss"] == pytest.approx(0.6931472), "ref"
+    _assert_same_records(records, expected, KEYS)
+    _assert_same_adapter(tmp / "from-adapter", tmp / "from-adapter-single")
+    assert (tmp / "from-adapter" / "reference-adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sharded_sft_trains_and_evaluates_as_one_process(sharded_runs):
+    tmp = sharded_runs["tmp"]
+    records, expected = _records(tmp / "sft"), _records(tmp / "sft-single")
+    assert [r["step"] for r in records] == [1, 2, 3, 3], "three steps, then the final evaluation"
+    sft_keys = ("loss", "mean_token_accuracy", "grad_norm", "eval_loss", "eval_perplexity", "eval_num_tokens")
+    _assert_same_records(records, expected, sft_keys)
+    _assert_same_adapter(tmp / "sft", tmp / "sft-single")
+
+
+def test_compiled_sharded_layers_train_as_one_uncompiled_process(sharded_runs):
+    """`--compile` compiles each decoder layer before fully_shard wraps it (torchtitan's order); compared with the
+    first two steps of the 1-process run (constant learning rate), adapter against its step-2 checkpoint."""
+    tmp = sharded_runs["tmp"]
+    records, expected = _train_records(tmp / "compile"), _train_records(tmp / "single")[:2]
+    assert [r["step"] for r in records] == [1, 2]
+    for record, wanted in zip(records, expected, strict=True):  # the 1-process step 2 also holds its evaluation
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            assert record[key] == pytest.approx(wanted[key], abs=TOLERANCE, rel=RELATIVE), (record["step"], key)
+    _assert_same_adapter(tmp / "compile", tmp / "single" / "checkpoints" / "step-000002")
+    assert "compiling 5 decoder layers" in sharded_runs["output"]
 
 
 # Bad input, without torchrun ------------------------------------------------------------------------------------
@@ -230,14 +274,22 @@ def test_fsdp_without_a_launcher_is_refused_in_one_line(stories_model, stories_d
     assert "Traceback" not in stderr and not out.exists(), "nothing written"
 
 
-def test_fsdp_with_a_start_adapter_is_refused_before_any_model_loads(monkeypatch):
-    from dpo_cli.run import distributed
-    from dpo_cli.run.sharding import check_sharding
+def test_a_skeleton_base_has_the_modules_and_no_weights(stories_model):
+    """What the processes other than rank 0 build under fsdp (sharding.load_base): the same 4-bit layers on the
+    meta device, no quantization state yet (it comes from rank 0), and the compute dtype of the real device."""
+    from bitsandbytes.nn import Linear4bit
 
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    with pytest.raises(UserError, match="--sharding fsdp with --from-adapter: not supported yet.*--sharding ddp"):
-        check_sharding("fsdp", True, "sft-run")
-    check_sharding("ddp", True, "sft-run")
+    from dpo_cli.config import recipe_from_dict
+    from dpo_cli.model.load import load_base_model
+
+    config = recipe_from_dict({"model": {"path": str(stories_model)}}).model
+    whole = load_base_model(config, torch.device("cpu"), shardable=True)
+    skeleton = load_base_model(config, torch.device("cpu"), shardable=True, skeleton=True)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    names = [name for name, module in skeleton.named_modules() if isinstance(module, Linear4bit)]
+    assert names == [name for name, module in whole.named_modules() if isinstance(module, Linear4bit)] and names
+    assert all(module.weight.quant_state is None for module in skeleton.modules() if isinstance(module, Linear4bit))
+    assert skeleton.get_input_embeddings().weight.dtype == whole.get_input_embeddings().weight.dtype
 
 
 def test_a_model_without_decoder_layers_cannot_be_sharded():
