@@ -279,7 +279,8 @@ def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: 
         recipe.lora,
         recipe.model.gradient_checkpointing,
     )
-    reference = Path(reference_adapter_of(recipe.model)) if reference_adapter_of(recipe.model) else None
+    named = reference_adapter_of(recipe.model)
+    reference = Path(named) if named else None
     if recipe.model.from_adapter:  # the policy starts as that adapter; the reference is by default the same one
         start_from_adapter(model, Path(recipe.model.from_adapter), recipe.model.path, reference)
     elif reference:  # a fresh policy (the base) against an adapter's reference
