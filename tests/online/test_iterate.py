@@ -6,11 +6,15 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli_inprocess, run_cli_subprocess
+from tests.conftest import REPO, run_cli_inprocess, run_cli_subprocess
 from tests.online.test_sample import REWARD_PY  # the same reward, which can kill its process at the N-th call
 from tests.run.test_from_adapter import LOG_2
 
@@ -84,6 +88,39 @@ def test_resume_after_sigkill_mid_round_gives_the_same_pairs_and_adapter(capsys,
     assert got.keys() == expected.keys()
     for name in expected:
         assert (got[name] == expected[name]).all(), name
+
+
+def test_resume_after_sigkill_mid_training_gives_the_same_adapter(capsys, setup):
+    """Killed once round 2's training has saved a checkpoint (in a later step, its save, or the round's eval: where
+    the kill lands is the scheduler's), `--resume` ends on the uninterrupted run's adapter."""
+    whole, killed = setup["tmp"] / "whole", setup["tmp"] / "killed"
+    longer = ("--max-steps", "4", "--set", "training.save_steps=1")
+    code, _, err = run_cli_inprocess(capsys, *iterate_args(setup, whole, *longer))
+    assert code == 0, err
+
+    command = [sys.executable, "-m", "dpo_cli", *map(str, iterate_args(setup, killed, *longer))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    first_checkpoint = killed / "round-02" / "run" / "checkpoints" / "step-000001"
+    while run.poll() is None and not first_checkpoint.is_dir():
+        time.sleep(0.01)
+    assert run.poll() is None, "the run ended before round 2 trained; make it longer"
+    run.kill()
+    run.communicate(timeout=60)
+    phase = json.loads((killed / "iterate-state.json").read_text())["rounds"][1]["phase"]
+    assert phase in ("train", "eval"), phase
+
+    result = run_cli_subprocess(*iterate_args(setup, killed, *longer, "--resume"))
+    assert result.returncode == 0, result.stderr
+    if phase == "train":  # continued from the checkpoint, not trained again from the round's start
+        assert "resuming from" in result.stdout and "round-02" in result.stdout, result.stdout
+    metrics = (killed / "round-02" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics if '"loss"' in line] == [1, 2, 3, 4]
+    final = "round-02/run/adapter_model.safetensors"
+    got, expected = load_file(killed / final), load_file(whole / final)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-8)  # as train's own resume test
 
 
 def test_a_reward_named_only_in_the_recipe_is_not_run(capsys, setup, tmp_path):
