@@ -116,6 +116,7 @@ def load_base_model(
     trust_remote_code: bool = False,
     shardable: bool = False,
     skeleton: bool = False,
+    load_device: torch.device | None = None,
 ):
     """The frozen base: NF4 4-bit with double quantization, or plain weights in the compute dtype.
 
@@ -123,6 +124,8 @@ def load_base_model(
     `shardable` stores the 4-bit weights in the compute dtype instead of uint8 (the same values), so that FSDP can
     shard them (run/sharding.py). `skeleton` builds the same modules on the meta device without reading a weight
     (the processes other than the first under `--sharding fsdp`, which run/sharding.py fills with their slices).
+    `load_device` is where the weights are put (and quantized), `device` by default; the compute dtype still follows
+    `device`, the one the model will run on (under fsdp rank 0 loads onto the CPU and sends each process its slice).
     """
     from transformers import BitsAndBytesConfig
 
@@ -138,12 +141,12 @@ def load_base_model(
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
         )
-        kwargs["device_map"] = {"": device}
+        kwargs["device_map"] = {"": load_device or device}
     if skeleton:  # the compute dtype above still follows the real device
         kwargs.update(device_map={"": "meta"}, use_kernels=False)  # the kernels library refuses the meta device
     model = load_pretrained(config.path, **kwargs)
     if not config.quantize and not skeleton:
-        model.to(device)
+        model.to(load_device or device)
     _disable_bnb_cpu_repacking(model)
     _disable_dropout(model)
     model.config.use_cache = False

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,8 +78,12 @@ def precompute_reference_logps(
     batch_size: int,
     console: Console,
     layout: str = "padded",
+    min_batches: int = 0,
+    filler=None,
 ) -> torch.Tensor:
-    """(num_pairs, 2) float32 reference log-probs of each pair's (chosen, rejected), in the order of `pairs`."""
+    """(num_pairs, 2) float32 reference log-probs of each pair's (chosen, rejected), in the order of `pairs`.
+    `min_batches`: after `pairs`, the pair `filler` is scored alone, not kept, until that many batches ran (each
+    forward of a sharded model is a collective: every process must run as many)."""
     device = next(model.parameters()).device
     scoring = scoring_model(model)
     was_training = model.training
@@ -104,6 +109,8 @@ def precompute_reference_logps(
                 values[start:stop, 0] = ref_chosen.float().cpu()
                 values[start:stop, 1] = ref_rejected.float().cpu()
                 progress.update(task, completed=stop)
+            for _ in range(min_batches - math.ceil(len(pairs) / batch_size)):
+                next(scored_batches([filler], pad_token_id, layout, 1, device, reference))
     finally:
         model.train(was_training)
     return values
@@ -337,11 +344,24 @@ class SplitPairs:
     batch_size: int
 
 
+ScoreSplit = Callable[[SplitPairs], torch.Tensor]
+"""Scores a split's reference log-probs ((num_pairs, 2), in its order): `score_whole`, or under fsdp every process
+a share (setup.py)."""
+
+
+def score_whole(recipe: Recipe, model, split: SplitPairs, console: Console) -> torch.Tensor:
+    """`split`'s reference log-probs scored by this process alone."""
+    return precompute_reference_logps(
+        model, split.pairs, split.pad_token_id, recipe.dpo, split.batch_size, console, split.layout
+    )
+
+
 def split_reference_logps(
-    recipe: Recipe, model, split: SplitPairs, visits_every_pair: bool, console: Console
+    recipe: Recipe, model, split: SplitPairs, visits_every_pair: bool, console: Console, score: ScoreSplit | None = None
 ) -> torch.Tensor | None:
-    """(num_pairs, 2) reference log-probs of `split` (read from the cache, or computed and cached), or None when the
-    steps are to score the reference live (`dpo.precompute_ref`, see `wants_reference_cache`). One line says which."""
+    """(num_pairs, 2) reference log-probs of `split` (read from the cache, or computed by `score`, `score_whole` by
+    default, and cached), or None when the steps are to score the reference live (`dpo.precompute_ref`, see
+    `wants_reference_cache`). One line says which."""
     wanted = wants_reference_cache(recipe.dpo, visits_every_pair)
     if wanted is False:
         return None
@@ -351,9 +371,7 @@ def split_reference_logps(
         console.print(prefix + line, markup=False)
 
     def compute() -> torch.Tensor:
-        return precompute_reference_logps(
-            model, split.pairs, split.pad_token_id, recipe.dpo, split.batch_size, console, split.layout
-        )
+        return score(split) if score is not None else score_whole(recipe, model, split, console)
 
     cache = reference_cache(recipe, model, split.pairs_key, len(split.pairs))
     if isinstance(cache, str):
@@ -370,18 +388,33 @@ def split_reference_logps(
     return build_reference(cache, compute, say)
 
 
+def training_splits(recipe: Recipe, layout: str, pad_token_id: int, train, evaluation) -> dict[str, SplitPairs]:
+    """The splits of a training run whose reference is precomputed, by name: train, and eval when `evaluation`."""
+    batch_size = recipe.training.eval_batch_size
+    named = {"train": train} if evaluation is None else {"train": train, "eval": evaluation}
+    return {
+        name: SplitPairs(name, pairs, report.pairs_key, pad_token_id, layout, batch_size)
+        for name, (pairs, report) in named.items()
+    }
+
+
 def training_reference_logps(
-    recipe: Recipe, model, layout: str, pad_token_id: int, train, evaluation, visits_every_pair: bool, console: Console
+    recipe: Recipe,
+    model,
+    layout: str,
+    pad_token_id: int,
+    train,
+    evaluation,
+    visits_every_pair: bool,
+    console: Console,
+    score: ScoreSplit | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The reference log-probs of a training run's train and eval splits (each `(pairs, SplitReport)`, eval may be
-    None), or None for a split whose reference is scored live. Eval scores every eval pair at least once (at the
-    end), so under `auto` its reference is always precomputed: one pass that the first evaluation would make anyway."""
-    batch_size = recipe.training.eval_batch_size
-    pairs, report = train
-    train_split = SplitPairs("train", pairs, report.pairs_key, pad_token_id, layout, batch_size)
-    train_logps = split_reference_logps(recipe, model, train_split, visits_every_pair, console)
-    if evaluation is None:
+    None), or None for a split whose reference is scored live; `score` scores a split the cache lacks. Eval scores
+    every eval pair at least once (at the end), so under `auto` its reference is always precomputed: one pass that
+    the first evaluation would make anyway."""
+    splits = training_splits(recipe, layout, pad_token_id, train, evaluation)
+    train_logps = split_reference_logps(recipe, model, splits["train"], visits_every_pair, console, score)
+    if "eval" not in splits:
         return train_logps, None
-    pairs, report = evaluation
-    eval_split = SplitPairs("eval", pairs, report.pairs_key, pad_token_id, layout, batch_size)
-    return train_logps, split_reference_logps(recipe, model, eval_split, True, console)
+    return train_logps, split_reference_logps(recipe, model, splits["eval"], True, console, score)

@@ -55,7 +55,7 @@ from dpo_cli.run.data_report import load_split
 from dpo_cli.run.distributed import is_main_process
 from dpo_cli.run.metrics import MetricsLog
 from dpo_cli.run.objective import Objective, objective_for
-from dpo_cli.run.reference import training_reference_logps
+from dpo_cli.run.reference import precompute_reference_logps, training_reference_logps, training_splits
 from dpo_cli.run.resume_settings import (
     TRAIN_PAIRS,
     WORLD_SIZE,
@@ -307,6 +307,24 @@ def _layout_asked(recipe: Recipe, objective: Objective) -> str:
     return layout
 
 
+def _reference_share_scorer(recipe: Recipe, model, layout: str, pad_token_id: int, splits, console: Console):
+    """`score_share(name)` for sharding.led_by_main_process: this process's share (distributed.my_share) of a
+    split's reference log-probs on the sharded model, in as many batches as every other process's (a filler pair
+    scored and dropped where its share is smaller)."""
+    named = training_splits(recipe, layout, pad_token_id, *splits)
+
+    def score_share(name: str) -> torch.Tensor:
+        split = named[name]
+        batches = sharding.eval_batches(model, len(split.pairs), split.batch_size)
+        share = distributed.my_share(split.pairs)
+        dpo, batch_size = recipe.dpo, split.batch_size
+        return precompute_reference_logps(
+            model, share, pad_token_id, dpo, batch_size, console, layout, min_batches=batches, filler=split.pairs[0]
+        )
+
+    return score_share
+
+
 def run_device(recipe: Recipe) -> torch.device:
     """The device this process trains on: the recipe's, or under torchrun on CUDA this process's own GPU."""
     return distributed.device_for(resolve_device(recipe.model.device))
@@ -353,21 +371,24 @@ def build_run(
     evaluation = None if eval_pairs is None else (eval_pairs, eval_summary)
     visits_every_pair = total * training.grad_accum * distributed.world_size() >= stream.per_epoch
     # Rank 0 reads or builds the cache entries; the others then find them built and read them (or, when it keeps the
-    # values in memory only, as with an unwritable cache, compute their own, which equal rank 0's). Under fsdp only
-    # rank 0 holds the whole model (sharding.load_base): it reads or scores them alone and sends them to the others.
+    # values in memory only, as with an unwritable cache, compute their own, which equal rank 0's). Under fsdp no
+    # process holds the whole model on its device: the reference is scored after sharding, every process a share.
     ref_logps = eval_ref_logps = None
+    splits = (train_pairs, summary), evaluation
 
-    def reference_logps():
+    def reference_logps(score=None):
         return training_reference_logps(
-            recipe, model, layout, tokenizer.pad_token_id, (train_pairs, summary), evaluation, visits_every_pair,
-            console,
-        )  # fmt: skip
+            recipe, model, layout, tokenizer.pad_token_id, *splits, visits_every_pair, console, score
+        )
 
     sharded = None
-    if recipe.training.sharding == "fsdp":  # the whole model is rank 0's: it scores, then shards, before AdamW
-        if objective.uses_reference:
-            ref_logps, eval_ref_logps = sharding.from_main_process(reference_logps, device)
+    if recipe.training.sharding == "fsdp":  # sharded before the reference and AdamW (the parameters are new)
         sharded = sharding.shard(model, device)
+        if objective.uses_reference:
+            score_share = _reference_share_scorer(recipe, model, layout, tokenizer.pad_token_id, splits, console)
+            ref_logps, eval_ref_logps = sharding.led_by_main_process(
+                lambda score: reference_logps(lambda split: score(split.name, len(split.pairs))), score_share, device
+            )
     elif objective.uses_reference:
         with distributed.main_process_first():
             ref_logps, eval_ref_logps = reference_logps()

@@ -14,9 +14,12 @@ through the backbone's FSDP hooks without any wrapper. The LM head is not sharde
 (frozen, identical everywhere; with tied embeddings it keeps the whole embedding matrix, whose sharded copy serves
 the backbone).
 
-Loading: only the main process (rank 0) loads the base; the others build it on the meta device and take rank 0's
-quantization states (`load_base`), so no process but rank 0 ever holds the whole base, and `shard` sends each process
-its slice of every weight. The reference log-probs precomputed before sharding are rank 0's too (`from_main_process`).
+Loading: only the main process (rank 0) loads the base, into host memory (`LOAD_DEVICE`, quantized there); the others
+build it on the meta device and take rank 0's quantization states (`load_base`), so no process but rank 0 ever holds
+the whole base, and none holds it on its accelerator: `shard` puts each process's slice of every weight on its own
+device, one decoder layer at a time (rank 0's device holds that one layer whole while fully_shard slices it). The
+reference log-probs precomputed before training are scored after sharding, every process a share of the pairs,
+while rank 0 alone reads and writes the reference cache (`led_by_main_process`).
 
 Everything FSDP changes for the rest of the run is here: `shard` (the wrapping), `full_tensor` / `full_adapter_state`
 / `full_optimizer_state` (the whole adapter and optimizer state, gathered for a checkpoint that any world size and
@@ -84,15 +87,23 @@ def decoder_layers(backbone: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+LOAD_DEVICE = torch.device("cpu")
+"""Where the main process loads (and quantizes) the whole base under fsdp: host memory, not its accelerator, so a
+base larger than one card can be sharded over several (bitsandbytes quantizes on the CPU)."""
+
+
 def load_base(config, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The base to shard, held whole by the main process only: it loads it (4-bit, stored in the compute dtype);
-    every other process builds the same modules on the meta device without reading a weight, and takes the main
-    process's quantization states (absmax and the like, about 1/32 of the 4-bit weights), so that its 4-bit
-    layers are those of the main process. `shard` then sends each process its slice of every weight."""
+    """The base to shard, held whole by the main process only, in host memory (`LOAD_DEVICE`): it loads it (4-bit,
+    stored in the compute dtype of `device`); every other process builds the same modules on the meta device without
+    reading a weight, and takes the main process's quantization states (absmax and the like, about 1/32 of the 4-bit
+    weights), so that its 4-bit layers are those of the main process. `shard` then puts each process's slice of
+    every weight on its own `device`; no process ever holds the whole base there."""
     from dpo_cli.model.load import load_base_model
 
     main = distributed.is_main_process()
-    model = load_base_model(config, device, trust_remote_code, shardable=True, skeleton=not main)
+    model = load_base_model(
+        config, device, trust_remote_code, shardable=True, skeleton=not main, load_device=LOAD_DEVICE
+    )
     if config.quantize:
         with distributed.peer_failures_as_user_error():
             _share_quantization_states(model, device)
@@ -112,7 +123,10 @@ def _share_quantization_states(model: torch.nn.Module, device: torch.device) -> 
     states = _broadcast_tensor_dicts(
         [layer.weight.quant_state.as_dict(packed=True) for layer in layers] if main else None, device
     )
-    if main:
+    if main:  # its states go to the device the layers will run on (QuantState.to moves them in place)
+        for layer in layers:
+            layer.weight.quant_state.to(device)
+            layer.quant_state = layer.weight.quant_state  # where bitsandbytes finds it once FSDP swaps the weight
         return
     for layer, (shape, dtype), state in zip(layers, weights, states, strict=True):
         quant_state = QuantState.from_dict(state, device=device)
@@ -130,19 +144,51 @@ def _share_quantization_states(model: torch.nn.Module, device: torch.device) -> 
         layer.quant_state = quant_state
 
 
-def from_main_process(
-    compute: Callable[[], tuple[torch.Tensor | None, ...]], device: torch.device
+def led_by_main_process(
+    lead: Callable[[Callable[[str, int], torch.Tensor]], tuple[torch.Tensor | None, ...]],
+    score_share: Callable[[str], torch.Tensor],
+    device: torch.device,
 ) -> tuple[torch.Tensor | None, ...]:
-    """`compute()` (CPU tensors or None) run by the main process alone, which holds the whole model before `shard`;
-    the others receive its values (the reference log-probs: no process but the first can score, or read a cache
-    entry that only the first could write)."""
+    """`lead(score)` run by the main process alone (it reads and writes the reference cache), every process scoring
+    beside it on the sharded model: each `score(name, num_rows)` the main process calls has every process score its
+    share of split `name` (`score_share(name)`: its distributed.my_share rows, in as many sharded forwards as the
+    others) and returns the split's whole (num_rows, ...) values in the split's order. `lead` returns CPU tensors or
+    None; every process gets them."""
     main = distributed.is_main_process()
-    values = compute() if main else None
     with distributed.peer_failures_as_user_error():
+        if main:
+
+            def score(name: str, num_rows: int) -> torch.Tensor:
+                _broadcast_objects([name, num_rows])
+                return _gathered_rows(score_share(name), num_rows, device)
+
+            values = lead(score)
+            _broadcast_objects([None, 0])  # the others stop following
+        else:
+            while (asked := _broadcast_objects(None))[0] is not None:
+                _gathered_rows(score_share(asked[0]), asked[1], device)
+            values = None
         shared = _broadcast_tensor_dicts(
             None if values is None else [{} if value is None else {"value": value} for value in values], device
         )
     return tuple(part["value"].cpu() if part else None for part in shared)  # where the reference keeps them
+
+
+def _gathered_rows(share: torch.Tensor, num_rows: int, device: torch.device) -> torch.Tensor:
+    """The whole (num_rows, ...) tensor on the CPU from each process's `share`, its rows rank::world_size (my_share)."""
+    import torch.distributed as dist
+
+    size = distributed.world_size()
+    largest = -(-num_rows // size)
+    padded = torch.zeros((largest, *share.shape[1:]), dtype=share.dtype, device=device)
+    padded[: len(share)] = share.to(device)
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    whole = torch.empty((num_rows, *share.shape[1:]), dtype=share.dtype)
+    for rank, part in enumerate(parts):
+        rows = len(range(rank, num_rows, size))
+        whole[rank::size] = part[:rows].cpu()
+    return whole
 
 
 def _broadcast_objects(values: list):
@@ -239,8 +285,8 @@ def _shard_from_main_process(root: torch.nn.Module, names: set[str], wrap: Calla
         for name, tensor in _named_tensors(root):
             if name not in names:
                 continue
-            if whole is not None:
-                value = whole.pop(name).detach()
+            if whole is not None:  # loaded into host memory (LOAD_DEVICE): sent from `device`, as collectives need
+                value = whole.pop(name).detach().to(device)
                 value = value if value.is_contiguous() else value.contiguous()
             else:
                 value = torch.empty(tensor.shape, dtype=tensor.dtype, device=local_part(tensor).device)
@@ -252,6 +298,23 @@ def _shard_from_main_process(root: torch.nn.Module, names: set[str], wrap: Calla
                 tensor.to_local().copy_(value.to_local())
             else:
                 tensor.copy_(value)
+    if main:
+        _move_unsharded(root, device)
+
+
+def _move_unsharded(root: torch.nn.Module, device: torch.device) -> None:
+    """The main process's own copy of what `root` keeps unsharded (the LM head, buffers outside the backbone) moved
+    from host memory to `device` (fully_shard moved what it shards). In place (`.data`), so tied weights stay tied."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for module in root.modules():
+            for param in module._parameters.values():
+                if param is not None and not isinstance(param, DTensor) and param.device != device:
+                    param.data = param.data.to(device)
+            for key, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != device:
+                    module._buffers[key] = buffer.to(device)
 
 
 @contextlib.contextmanager

@@ -4,11 +4,12 @@ process with the same global batch, and resumed across world sizes and between d
 One torchrun launch (`sharded_runs`) runs every 2-process command one after another (tests/run/ddp_driver.py, as in
 test_distributed.py): `fsdp` (4 steps: live reference with the adapters off, gradient checkpointing, evaluation at
 step 2 and the end with eval shares whose batch counts differ between the ranks), `cache` (token-budget batches, the
-reference precomputed and cached, --layout shared-prompt), `ddp` then `to-fsdp` (3 steps with ddp, resumed with fsdp
-to step 4), `from-adapter` (train --from-adapter: the reference is a frozen adapter, scored live), `sft` (dpo-cli sft
-with evaluation), `compile` (--compile), and last `sigterm`, which the test stops with SIGTERM to the launcher.
-Beside them run the 1-process runs of the same global batch. Every run uses a constant learning rate, so that a run
-of 3 steps resumed to 4 meets a run of 4.
+train and eval references precomputed after sharding, each rank a share, and cached, --layout shared-prompt,
+evaluation), `ddp` then `to-fsdp` (3 steps with ddp, resumed with fsdp to step 4), `from-adapter` (train
+--from-adapter: the reference is a frozen adapter, scored live in training, precomputed for evaluation), `sft`
+(dpo-cli sft with evaluation), `compile` (--compile), and last `sigterm`, which the test stops with SIGTERM to the
+launcher. Beside them run the 1-process runs of the same global batch. Every run uses a constant learning rate, so
+that a run of 3 steps resumed to 4 meets a run of 4.
 
 Tolerance: 1e-5 on losses, grad norms, eval metrics and adapter weights (log-probs, about 100 in size, to float32's
 relative 1e-7). The sharded gradients are reduce-scattered once per step (after each rank's last micro-batch, as DDP
@@ -73,10 +74,18 @@ def _eval_options(stories_data) -> list[str]:
     ]
 
 
-def _cache_options(grad_accum: int) -> list[str]:
-    """Token-budget batches, the reference precomputed (and cached) before training, and the shared-prompt layout."""
+def _cache_options(grad_accum: int, cache: Path, stories_data) -> list[str]:
+    """Token-budget batches, the reference precomputed and cached (in `cache`, a folder of the run's own) before
+    training, the shared-prompt layout, and evaluation (`_eval_options`: under fsdp the ranks' shares of the 117
+    eval pairs' reference take 3 and 2 batches of 29, the 468 train pairs' 9 each)."""
     options = ["--max-tokens-per-batch", "400", "--grad-accum", str(grad_accum), "--layout", "shared-prompt"]
-    return options + ["--set", "dpo.precompute_ref=true"]
+    return options + [
+        "--set",
+        "dpo.precompute_ref=true",
+        "--set",
+        f"data.cache_dir={cache}",
+        *_eval_options(stories_data),
+    ]
 
 
 def _sigterm_at_step_3(process: subprocess.Popen, log: Path) -> None:
@@ -98,15 +107,18 @@ def sharded_runs(stories_model, stories_data, tmp_path_factory):
     evaluation = _eval_options(stories_data)
     keep_all = ["--set", "training.save_total_limit=4"]  # its step 2 is what `compile` is compared with
     _single_process(*_args(model, data, tmp / "single", 4, "--grad-accum", 4, *evaluation, *keep_all))
-    _single_process(*_args(model, data, tmp / "cache-single", 2, *_cache_options(2)))
+    _single_process(
+        *_args(model, data, tmp / "cache-single", 2, *_cache_options(2, tmp / "cache-single-cache", stories_data))
+    )
     start = ["--from-adapter", str(tmp / "single"), "--set", "model.gradient_checkpointing=true"]
+    start += ["--eval-data", str(stories_data["test"])]  # its reference precomputed against the reference adapter
     _single_process(*_args(model, data, tmp / "from-adapter-single", 2, "--grad-accum", 4, *start))
     sft_eval = ["--eval-data", str(stories_data["test"])]
     _single_process(*_args(model, data, tmp / "sft-single", 3, "--grad-accum", 4, *sft_eval), command="sft")
     sigterm = _args(model, data, tmp / "sigterm", 500, "--grad-accum", 1, "--set", "training.save_steps=0", *FSDP)
     jobs = [
         {"args": _args(model, data, tmp / "fsdp", 4, "--grad-accum", 2, *FSDP, *evaluation)},
-        {"args": _args(model, data, tmp / "cache", 2, *_cache_options(1), *FSDP)},
+        {"args": _args(model, data, tmp / "cache", 2, *_cache_options(1, tmp / "cache-cache", stories_data), *FSDP)},
         {"args": _args(model, data, tmp / "to-fsdp", 3, "--grad-accum", 2)},
         {"args": _args(model, data, tmp / "to-fsdp", 4, "--grad-accum", 2, "--resume", *FSDP)},
         {"args": _args(model, data, tmp / "from-adapter", 2, "--grad-accum", 2, *start, *FSDP)},
@@ -157,13 +169,24 @@ def test_two_sharded_processes_train_exactly_as_one_with_evaluation(sharded_runs
     assert len({e["adapter"] for e in ranks[0]}) == 5
 
 
+def _cached_references(cache: Path) -> dict[int, torch.Tensor]:
+    """{number of pairs: values} of the reference entries in a cache folder (one per split)."""
+    entries = [load_file(str(path))["logps"] for path in (cache / "reference").glob("*/logps.safetensors")]
+    return {len(values): values for values in entries}
+
+
 def test_the_cached_reference_token_budget_batches_and_shared_prompts_match_one_process(sharded_runs):
     tmp = sharded_runs["tmp"]
-    _assert_same_records(_train_records(tmp / "cache"), _train_records(tmp / "cache-single"), KEYS)
+    _assert_same_records(_records(tmp / "cache"), _records(tmp / "cache-single"), KEYS + EVAL_KEYS)
     _assert_same_adapter(tmp / "cache", tmp / "cache-single")
-    # Computed by rank 0 on the whole model before sharding, then read by rank 1 (the 4-bit storage dtype is part
-    # of the cache's fingerprint, so this is not the 1-process run's entry).
-    assert "reference log-probs: computed 468 pairs" in sharded_runs["output"]
+    # Scored after sharding, each rank a share, gathered and cached by rank 0 (the 4-bit storage dtype is part of the
+    # cache's fingerprint, so these are not the 1-process run's entries): the same values as one process's.
+    output = sharded_runs["output"]
+    assert "reference log-probs: computed 468 pairs" in output and "eval reference log-probs: computed 117" in output
+    sharded, single = _cached_references(tmp / "cache-cache"), _cached_references(tmp / "cache-single-cache")
+    assert sorted(sharded) == sorted(single) == [117, 468], "the train and eval splits' entries"
+    for num_pairs, values in sharded.items():
+        torch.testing.assert_close(values, single[num_pairs], atol=TOLERANCE, rtol=RELATIVE)  # sums near -100
 
 
 def test_checkpoints_are_plain_adapter_folders_with_the_whole_optimizer_state(sharded_runs):
@@ -227,13 +250,15 @@ def test_sigterm_stops_every_sharded_rank_before_the_same_step_and_saves_it(shar
 
 def test_a_sharded_run_from_an_adapter_refers_to_that_adapter_as_one_process_does(sharded_runs):
     """The reference pass switches the active PEFT adapter to the frozen reference, which flips requires_grad on
-    sharded parameters and back (load._active_adapter); FSDP2 takes the flags again at each gather. Scored live,
-    with gradient checkpointing."""
+    sharded parameters and back (load._active_adapter); FSDP2 takes the flags again at each gather. Scored live in
+    training, with gradient checkpointing; for evaluation precomputed after sharding, each rank a share."""
     tmp = sharded_runs["tmp"]
     records, expected = _records(tmp / "from-adapter"), _records(tmp / "from-adapter-single")
     first = records[0]
     assert first["rewards/margins"] == pytest.approx(0, abs=1e-6) and first["loss"] == pytest.approx(0.6931472), "ref"
-    _assert_same_records(records, expected, KEYS)
+    assert [r["step"] for r in records] == [1, 2, 2] and records[-1]["eval_num_pairs"] == 117
+    _assert_same_records(records, expected, KEYS + EVAL_KEYS)
+    assert "eval reference log-probs: computed 117 pairs" in sharded_runs["output"]
     _assert_same_adapter(tmp / "from-adapter", tmp / "from-adapter-single")
     assert (tmp / "from-adapter" / "reference-adapter" / "adapter_model.safetensors").is_file()
 
