@@ -9,7 +9,9 @@ under `torch.distributed.run` for two processes) for one optimizer step on stori
 the run's own reports, per process: the bytes of the frozen base weights it holds once the run is set up (its
 shard, under fsdp), the peak RSS by then (loading, quantizing and sharding included), the peak RSS from then to the
 end (the training step and the final save; Linux's VmHWM, reset through /proc/self/clear_refs), and on CUDA the peak
-of torch's allocations. `--write` appends the table to RESULTS.md.
+of torch's allocations on the device in setup (rank 0 loads the whole base into host memory under fsdp, so this is
+its slices, one decoder layer whole at a time, and the reference scoring) and in training. `--write` appends the table
+to RESULTS.md.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ def worker(prefix: str, train_args: list[str]) -> None:
                 "peak_rss_setup": peak_rss(),
             }
             Path("/proc/self/clear_refs").write_text("5")  # the peak from here on is training's alone
+            if torch.cuda.is_available() and run.device.type == "cuda":  # what setup put on the device at most
+                self.record["cuda_peak_setup"] = torch.cuda.max_memory_allocated(run.device)
+                torch.cuda.reset_peak_memory_stats(run.device)
 
         def on_end(self, run, result) -> None:
             self.record["peak_rss_training"] = peak_rss()
@@ -119,9 +124,9 @@ def table(rows: dict[str, list[dict]], params: int, args) -> str:
         f"max_length 64, {args.device}. Per process (rank 0 / rank 1):",
         "",
         "| run | base weights held | peak RSS in setup (load, quantize, shard) | peak RSS in training (after setup) |"
-        + (" CUDA peak |" if cuda else "")
+        + (" CUDA peak in setup | CUDA peak in training |" if cuda else "")
         + " wall s |",
-        "|---|---|---|---|" + ("---|" if cuda else "") + "---|",
+        "|---|---|---|---|" + ("---|---|" if cuda else "") + "---|",
     ]
     for name, ranks in rows.items():
 
@@ -130,7 +135,7 @@ def table(rows: dict[str, list[dict]], params: int, args) -> str:
 
         cells = [name, each("base_bytes"), each("peak_rss_setup"), each("peak_rss_training")]
         if cuda:
-            cells.append(each("cuda_peak"))
+            cells += [each("cuda_peak_setup"), each("cuda_peak")]
         cells.append(f"{ranks[0]['seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
