@@ -287,7 +287,11 @@ def test_a_bad_record_on_one_rank_ends_the_job_within_seconds_with_its_message(s
     ended = time.time()
     assert code != 0
     assert f"error: {BAD_RECORD}" in output, output[-3000:]
-    peer_said_why = "error: rank 0: another process of this 2-process job stopped" in output
+    # Rank 0 says in one line why it stopped: its collective failed when rank 1 left, or, on a loaded machine where
+    # torchrun's SIGTERM reaches it first (seen: 3 runs of 3 under a parallel test suite), that it was interrupted.
+    peer_said_why = "error: rank 0: another process of this 2-process job stopped" in output or (
+        "interrupted at step" in output and "by SIGTERM" in output
+    )
     assert peer_said_why, output[-3000:]  # the job's output, to tell a slow peer from a different message
     assert "dpo_cli/" not in output, "no traceback from dpo-cli (torchrun prints its own summary)"
     assert _seconds_after_failure(tmp_path, "user_error", ended) < 10, output[-3000:]
