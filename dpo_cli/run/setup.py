@@ -256,8 +256,8 @@ def _resume_state(run: Run, checkpoint: SavedCheckpoint, multiplier, console: Co
 
 
 def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console):
-    """(checkpoint to resume, read and checked, or None; its saved state or None; the run's fixed settings;
-    trackers): every refusal that needs no model."""
+    """(checkpoint to resume, read and checked, or None; the run's fixed settings; trackers): every refusal that
+    needs no model."""
     output_dir = Path(recipe.training.output_dir)
     checkpoint = _checkpoint_to_resume(output_dir, resume)
     trackers = Trackers(output_dir, recipe.report, recipe.to_dict())  # a missing package fails here
@@ -266,10 +266,10 @@ def _checked_folder_and_settings(recipe: Recipe, resume: bool, console: Console)
     _remove_stale_temporaries(output_dir)
     settings = fixed_settings(recipe)
     if checkpoint is None:
-        return None, None, settings, trackers
+        return None, settings, trackers
     files = read_checkpoint(checkpoint)  # before any model loads: a damaged file or changed setting fails in seconds
     refuse_changed_fixed_settings(checkpoint, files.state.fixed_settings, settings)
-    return files, files.state, settings, trackers
+    return files, settings, trackers
 
 
 def _model_and_layout(recipe: Recipe, device, trust_remote_code: bool, console: Console, asked_layout: str):
@@ -351,7 +351,8 @@ def build_run(
     reference = reference_adapter_of(recipe.model)
     if reference and reference != recipe.model.from_adapter:
         check_start_adapter(Path(reference), recipe.lora, recipe.model.path, "--reference-adapter")
-    resumed, saved, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
+    resumed, settings, trackers = _checked_folder_and_settings(recipe, resume, console)
+    saved = None if resumed is None else resumed.state
     objective = objective_for(recipe)
     asked_layout = _layout_asked(recipe, objective)
     _set_seed(recipe.training.seed)
